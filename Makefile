@@ -6,6 +6,8 @@ CACHE ?= $(HOME)/.cache/archipelago
 PY := .venv/bin/python
 FLEET ?= e2e/fleets/demo.yaml
 export ARCHIPELAGO_CACHE := $(CACHE)
+# This clone's package wins over whatever the shared venv has installed (see scripts/setup.sh).
+export PYTHONPATH := $(CURDIR)/operator
 
 .PHONY: help setup setup-python crds lint unit e2e test demo demo-down e2e-kind bench clean
 

@@ -35,8 +35,9 @@ if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
   "$venv/bin/uv" pip install -q --python "$venv/bin/python" -e "$root[dev]"
   touch "$venv/.complete"
 fi
-# The editable install points at this clone; re-point it when the clone moved (cheap).
-"$venv/bin/uv" pip install -q --python "$venv/bin/python" --no-deps -e "$root"
+# The venv is shared by every clone on the machine: the Makefile puts this clone's operator/
+# first on PYTHONPATH, so the editable install made above (of whichever clone created the venv)
+# only provides the `archipelago` console script and is never what a clone imports.
 ln -sfn "$venv" "$root/.venv"
 
 if [ $python_only = 1 ]; then exit 0; fi
