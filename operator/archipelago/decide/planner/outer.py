@@ -1,0 +1,293 @@
+"""Outer loop: multi-objective Bayesian optimisation (BoTorch qLogNEHVI) over the knobs the inner
+loop cannot judge analytically, each candidate evaluated by running the inner loop and scoring
+the plan in the trace-driven simulator.
+
+Search space (unit cube, mapped by :data:`DEFAULT_SPACE`): capacity ``headroom`` (fraction of
+modelled SLO capacity kept free), ``ttft_scale`` and ``tpot_scale`` (multipliers of the SLO
+targets the capacity model plans for -- they absorb burstiness and the queueing
+approximation's error), ``log2 max_num_seqs`` and ``log2 max_num_batched_tokens`` (the chunked-
+prefill token budget: smaller steps cut the inter-token latency that long prompts inflict on
+co-scheduled decodes, at some prefill throughput).
+
+Objectives (all maximised internally): ``-cost`` ($/h), ``attainment`` (minimum over models of
+the simulated fraction of requests meeting TTFT and TPOT), ``-power`` (W). The Pareto front is
+kept; :func:`choose` picks the operating point for a ServingSLO preference.
+
+Ask/tell boundary: :class:`OuterLoop` generates candidates (pure; seeded) and takes results;
+:func:`run_outer_loop` drives it with a budget in evaluations and wall time and is safe to call
+from a worker thread or process (no global state besides torch's RNG, seeded per call). Warm
+start by passing previous ``observations``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .types import ParetoPoint
+
+#: name -> (low, high, log2?) for each searched parameter.
+DEFAULT_SPACE: dict[str, tuple[float, float]] = {
+    "headroom": (-0.2, 0.7),
+    "ttft_scale": (0.25, 1.5),
+    "tpot_scale": (0.5, 1.5),
+    "log2_max_num_seqs": (5.0, 9.0),
+    "log2_max_num_batched_tokens": (9.0, 13.0),
+}
+
+
+@dataclass
+class Observation:
+    """One evaluated candidate: ``params`` (real units) and objectives ``cost_per_hour`` ($/h),
+    ``attainment`` (0..1) and ``power_w`` (W)."""
+
+    params: dict[str, float]
+    cost_per_hour: float
+    attainment: float
+    power_w: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class OuterLoop:
+    """Ask/tell multi-objective BO with qLogNEHVI (``botorch.acquisition.multi_objective``).
+
+    Args:
+        space: parameter bounds (real units), default :data:`DEFAULT_SPACE`.
+        seed: seeds the Sobol initial design and acquisition optimisation.
+        n_init: Sobol points before the GP is used.
+        observations: previous observations (warm start; outside-space params are clipped).
+        num_restarts, raw_samples: acquisition optimiser effort (kept small for 2 CPU cores).
+    """
+
+    def __init__(self, space: dict[str, tuple[float, float]] | None = None, seed: int = 0, n_init: int = 6,
+                 observations: list[Observation] | None = None, num_restarts: int = 4,
+                 raw_samples: int = 64) -> None:
+        self.space = dict(space or DEFAULT_SPACE)
+        self.names = list(self.space)
+        self.seed = seed
+        self.n_init = n_init
+        self.obs: list[Observation] = list(observations or [])
+        self.num_restarts = num_restarts
+        self.raw_samples = raw_samples
+        self._asked = 0
+        self._sobol_i = 0
+
+    # -- coordinate maps ---------------------------------------------------------------
+    def to_unit(self, params: dict[str, float]) -> np.ndarray:
+        """Params (real units) -> point in [0, 1]^d (clipped)."""
+        return np.array([min(1.0, max(0.0, (params[n] - lo) / (hi - lo)))
+                         for n, (lo, hi) in self.space.items()])
+
+    def from_unit(self, x: np.ndarray) -> dict[str, float]:
+        """Point in [0, 1]^d -> params (real units)."""
+        return {n: float(lo + (hi - lo) * xi) for (n, (lo, hi)), xi in zip(self.space.items(), x, strict=True)}
+
+    # -- ask / tell ---------------------------------------------------------------------
+    def ask(self) -> dict[str, float]:
+        """Next candidate (real units): Sobol while fewer than ``n_init`` observations, then the
+        maximiser of qLogNEHVI on a GP fitted to the observations."""
+        import torch
+
+        self._asked += 1
+        if len(self.obs) < self.n_init:
+            from torch.quasirandom import SobolEngine
+
+            eng = SobolEngine(len(self.names), scramble=True, seed=self.seed)
+            pts = eng.draw(self._sobol_i + 1).numpy()
+            self._sobol_i += 1
+            return self.from_unit(pts[-1])
+        return self.from_unit(self._bo_candidate(torch))
+
+    def tell(self, params: dict[str, float], cost_per_hour: float, attainment: float, power_w: float,
+             **extra: Any) -> Observation:
+        """Record an evaluation; returns the stored :class:`Observation`."""
+        o = Observation(dict(params), float(cost_per_hour), float(attainment), float(power_w), dict(extra))
+        self.obs.append(o)
+        return o
+
+    def _Y(self) -> np.ndarray:
+        return np.array([[-o.cost_per_hour, o.attainment, -o.power_w / 1000.0] for o in self.obs])
+
+    def _bo_candidate(self, torch: Any) -> np.ndarray:
+        from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
+        from botorch.fit import fit_gpytorch_mll
+        from botorch.models import SingleTaskGP
+        from botorch.models.transforms.outcome import Standardize
+        from botorch.optim import optimize_acqf
+        from gpytorch.mlls import ExactMarginalLogLikelihood
+
+        torch.manual_seed(self.seed + len(self.obs))
+        X = torch.tensor(np.array([self.to_unit(o.params) for o in self.obs]), dtype=torch.double)
+        Yn = self._Y()
+        Y = torch.tensor(Yn, dtype=torch.double)
+        model = SingleTaskGP(X, Y, outcome_transform=Standardize(m=Y.shape[-1]))
+        mll = ExactMarginalLogLikelihood(model.likelihood, model)
+        with contextlib.suppress(Exception):  # keep the prior hyper-parameters if fitting fails
+            fit_gpytorch_mll(mll)
+        ref = torch.tensor([Yn[:, 0].min() - 0.1 * abs(Yn[:, 0].min()) - 1e-3,
+                            max(0.0, Yn[:, 1].min() - 0.05),
+                            Yn[:, 2].min() - 0.1 * abs(Yn[:, 2].min()) - 1e-3], dtype=torch.double)
+        acq = qLogNoisyExpectedHypervolumeImprovement(model=model, ref_point=ref, X_baseline=X,
+                                                      prune_baseline=True)
+        bounds = torch.stack([torch.zeros(X.shape[-1]), torch.ones(X.shape[-1])]).double()
+        cand, _ = optimize_acqf(acq, bounds=bounds, q=1, num_restarts=self.num_restarts,
+                                raw_samples=self.raw_samples, options={"seed": self.seed + len(self.obs)})
+        return cand.detach().numpy()[0]
+
+    # -- results ------------------------------------------------------------------------
+    def pareto(self) -> list[Observation]:
+        """Non-dominated observations (min cost, max attainment, min power), by cost."""
+        front = []
+        for i, a in enumerate(self.obs):
+            dom = False
+            for j, b in enumerate(self.obs):
+                if i == j:
+                    continue
+                if (b.cost_per_hour <= a.cost_per_hour and b.attainment >= a.attainment
+                        and b.power_w <= a.power_w and (b.cost_per_hour < a.cost_per_hour
+                                                        or b.attainment > a.attainment or b.power_w < a.power_w)):
+                    dom = True
+                    break
+            if not dom:
+                front.append(a)
+        return sorted(front, key=lambda o: (o.cost_per_hour, -o.attainment))
+
+
+def choose(observations: list[Observation], preference: str = "cost", target: float = 0.99) -> Observation | None:
+    """Operating point for a ServingSLO preference among ``observations``:
+
+    * ``cost``: cheapest with attainment >= ``target`` (else the highest attainment);
+    * ``energy``: lowest power with attainment >= ``target``;
+    * ``latency``: highest attainment, then cheapest;
+    * ``balanced``: meets ``target`` and minimises cost/min_cost + power/min_power.
+    """
+    if not observations:
+        return None
+    ok = [o for o in observations if o.attainment >= target]
+    if preference == "latency" or not ok:
+        return max(observations, key=lambda o: (round(o.attainment, 4), -o.cost_per_hour))
+    if preference == "energy":
+        return min(ok, key=lambda o: (o.power_w, o.cost_per_hour))
+    if preference == "balanced":
+        c0 = min(o.cost_per_hour for o in ok) or 1.0
+        w0 = min(o.power_w for o in ok) or 1.0
+        return min(ok, key=lambda o: o.cost_per_hour / c0 + o.power_w / w0)
+    return min(ok, key=lambda o: (o.cost_per_hour, -o.attainment))
+
+
+@dataclass
+class OuterResult:
+    """Outcome of :func:`run_outer_loop`: chosen observation and its plan, the Pareto front (as
+    :class:`ParetoPoint`), all observations (for warm starts), evaluations and wall time (s)."""
+
+    chosen: Observation | None
+    plan: Any
+    pareto: list[ParetoPoint]
+    observations: list[Observation]
+    evaluations: int
+    wall_s: float
+
+
+def run_outer_loop(evaluate: Callable[[dict[str, float]], tuple[Any, Any]], *, max_evals: int = 20,
+                   max_wall_s: float = 300.0, seed: int = 0, preference: str = "cost", target: float = 0.99,
+                   observations: list[Observation] | None = None, n_init: int = 6,
+                   initial: list[dict[str, float]] | None = None,
+                   progress: Callable[[int, Observation], None] | None = None,
+                   space: dict[str, tuple[float, float]] | None = None) -> OuterResult:
+    """Run BO for at most ``max_evals`` evaluations and ``max_wall_s`` seconds.
+
+    Args:
+        evaluate: ``params -> (plan, score)`` where ``score`` has ``cost_per_hour``,
+            ``attainment``, ``power_w`` (e.g. :func:`make_evaluator`).
+        initial: points evaluated first (e.g. the inner loop's defaults) -- BO then starts from
+            what CP-SAT alone would do.
+        observations: warm start (not re-evaluated; their plans are not available).
+        progress: called after each evaluation with (index, observation).
+
+    Returns:
+        :class:`OuterResult`; the chosen plan is re-evaluated if it came from a warm start.
+    """
+    t0 = time.perf_counter()
+    loop = OuterLoop(space=space, seed=seed, n_init=n_init, observations=observations)
+    plans: dict[int, Any] = {}
+    evals = 0
+    queue = list(initial or [])
+    while evals < max_evals and time.perf_counter() - t0 < max_wall_s:
+        params = queue.pop(0) if queue else loop.ask()
+        pl, sc = evaluate(params)
+        o = loop.tell(params, sc.cost_per_hour, sc.attainment, sc.power_w)
+        plans[id(o)] = pl
+        evals += 1
+        if progress:
+            progress(evals, o)
+    ch = choose(loop.obs, preference, target)
+    pl = plans.get(id(ch)) if ch is not None else None
+    if ch is not None and pl is None:
+        pl, _ = evaluate(ch.params)
+    front = loop.pareto()
+    pts = [ParetoPoint(o.cost_per_hour, o.attainment, o.power_w, o.params, chosen=o is ch) for o in front]
+    if ch is not None and all(not p.chosen for p in pts):
+        pts.append(ParetoPoint(ch.cost_per_hour, ch.attainment, ch.power_w, ch.params, chosen=True))
+    return OuterResult(ch, pl, pts, loop.obs, evals, time.perf_counter() - t0)
+
+
+def space_for(requests: list[Any], per_model: bool = True) -> dict[str, tuple[float, float]]:
+    """Search space for ``requests``: :data:`DEFAULT_SPACE`, and with ``per_model`` a capacity
+    scale ``scale:<ns/name>`` in [0.2, 1.3] per model replacing the global headroom (bursty
+    traces need more slack than smooth ones; one global knob over-provisions the smooth)."""
+    sp = dict(DEFAULT_SPACE)
+    if per_model:
+        sp.pop("headroom")
+        for r in requests:
+            sp[f"scale:{r.key}"] = (0.2, 1.3)
+    return sp
+
+
+def config_from_params(base: Any, params: dict[str, float]) -> Any:
+    """Apply outer-loop ``params`` to a :class:`PlannerConfig` (``scale:<key>`` entries become
+    ``model_capacity_scale``)."""
+    kw: dict[str, Any] = {}
+    scales = {k[6:]: float(v) for k, v in params.items() if k.startswith("scale:")}
+    if scales:
+        kw["model_capacity_scale"] = scales
+    if "headroom" in params:
+        kw["headroom"] = float(params["headroom"])
+    if "ttft_scale" in params:
+        kw["ttft_scale"] = float(params["ttft_scale"])
+    if "tpot_scale" in params:
+        kw["tpot_scale"] = float(params["tpot_scale"])
+    if "log2_max_num_seqs" in params:
+        kw["max_num_seqs"] = int(round(2 ** params["log2_max_num_seqs"]))
+    if "log2_max_num_batched_tokens" in params:
+        kw["max_num_batched_tokens"] = int(round(2 ** params["log2_max_num_batched_tokens"]))
+    return base.with_(**kw)
+
+
+def make_evaluator(fleet: Any, requests: list[Any], traces: dict[str, Any], base_config: Any, *,
+                   seed: int = 0, gpu_catalog: Any = None, perf_factory: Any = None,
+                   planner: Callable[..., Any] | None = None) -> Callable[[dict[str, float]], tuple[Any, Any]]:
+    """``params -> (plan, score)``: inner loop with the params applied (no pod packing), scored
+    by :func:`archipelago.decide.planner.evaluate.score_plan`. A plan that does not serve
+    every model scores attainment = its simulated attainment (unserved models count 0)."""
+    from .evaluate import score_plan
+    from .planner import plan as run_plan
+
+    planner = planner or run_plan
+
+    def ev(params: dict[str, float]) -> tuple[Any, Any]:
+        cfg = config_from_params(base_config, params)
+        pl = planner(fleet, requests, None, cfg, gpu_catalog=gpu_catalog, perf_factory=perf_factory,
+                     pack_pods=False)
+        sc = score_plan(pl, requests, traces, fleet, gpu_catalog=gpu_catalog, perf_factory=perf_factory,
+                        seed=seed)
+        if not math.isfinite(sc.power_w):
+            sc.power_w = 0.0
+        return pl, sc
+
+    return ev

@@ -1,0 +1,288 @@
+"""Inner loop, step 2: pod packing with OR-Tools CP-SAT.
+
+Each island asks for ``replicas`` pods of ``tp`` GPUs in one pool; a pod's GPUs must be on one
+node. Pools are independent, so each pool is one model:
+
+* variables ``z[i, k]`` = pods of island ``i`` on node ``k`` (replicas are interchangeable,
+  which keeps 5,000 pods tractable), ``moved[i, k] >= running[i, k] - z[i, k]``,
+  ``excess[i, k] >= z[i, k] - ceil(R_i / nodes)``;
+* constraints: ``sum_i tp_i z[i, k] <= free GPUs of k``; ``sum_k z[i, k] <= R_i``;
+* objectives, lexicographically: (1) placed GPUs of the highest priority, then the next, ...
+  (one stage per priority level, each fixing the previous optimum; a single stage when
+  everything fits); (2) fewest moved running pods, then replicas spread over nodes.
+* warm start: hints ``z = running``; fixed seed; deterministic-time limits.
+
+Stranded GPUs: free GPUs left on nodes whose free count is too small for one more pod of the
+largest TP island of that pool (after packing).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from ortools.sat.python import cp_model
+
+from .types import CurrentPlacement, FleetSnapshot, PlannerConfig, PodAssignment
+
+
+@dataclass(frozen=True)
+class PackItem:
+    """An island to place: ``replicas`` pods of ``tp`` GPUs in pool ``pool``; higher
+    ``priority`` is placed first."""
+
+    island: str
+    pool: str
+    tp: int
+    replicas: int
+    priority: int = 0
+
+
+@dataclass
+class PackResult:
+    """Packing outcome: ``assignments``; ``placed[island]`` pods placed; ``unplaced`` pods not
+    placed; ``moved`` running pods that move or stop; ``stranded_gpus``; ``status`` (worst
+    CP-SAT status over pools); ``gap`` (max relative gap of the last stage over pools, 0 =
+    proven optimal); ``wall_s``; ``per_pool`` stats."""
+
+    assignments: list[PodAssignment]
+    placed: dict[str, int]
+    unplaced: int
+    moved: int
+    stranded_gpus: int
+    status: str
+    gap: float
+    wall_s: float
+    per_pool: dict[str, dict] = field(default_factory=dict)
+
+
+def pack(fleet: FleetSnapshot, items: list[PackItem], config: PlannerConfig,
+         current: CurrentPlacement | None = None) -> PackResult:
+    """Place the pods of ``items`` on the fleet's nodes; see the module docstring.
+
+    Raises:
+        ValueError: an item names an unknown pool or has tp < 1 / replicas < 0.
+    """
+    t0 = time.perf_counter()
+    current = current or CurrentPlacement()
+    by_pool: dict[str, list[PackItem]] = {}
+    for it in items:
+        if it.tp < 1 or it.replicas < 0:
+            raise ValueError(f"pack item {it.island!r}: tp must be >= 1 and replicas >= 0")
+        fleet.pool(it.pool)
+        if it.replicas > 0:
+            by_pool.setdefault(it.pool, []).append(it)
+    res = PackResult([], {}, 0, 0, 0, "OPTIMAL", 0.0, 0.0)
+    rank = {"OPTIMAL": 0, "FEASIBLE": 1, "UNKNOWN": 2, "MODEL_INVALID": 3, "INFEASIBLE": 3}
+    npools = max(1, len(by_pool))
+    pool_cfg = config.with_(packing_time_limit_s=config.packing_time_limit_s / npools,
+                            packing_deterministic_limit=config.packing_deterministic_limit / npools)
+    for pn in sorted(by_pool):
+        r = _pack_pool(fleet, pn, sorted(by_pool[pn], key=lambda i: i.island), pool_cfg, current)
+        res.assignments += r.assignments
+        res.placed.update(r.placed)
+        res.unplaced += r.unplaced
+        res.moved += r.moved
+        res.stranded_gpus += r.stranded_gpus
+        res.gap = max(res.gap, r.gap)
+        if rank.get(r.status, 2) > rank.get(res.status, 2):
+            res.status = r.status
+        res.per_pool[pn] = {"status": r.status, "gap": r.gap, "wall_s": r.wall_s, "pods": sum(
+            i.replicas for i in by_pool[pn]), "unplaced": r.unplaced, "moved": r.moved,
+            "stranded_gpus": r.stranded_gpus}
+    res.wall_s = time.perf_counter() - t0
+    return res
+
+
+def _solver(config: PlannerConfig, share: float) -> cp_model.CpSolver:
+    s = cp_model.CpSolver()
+    p = s.parameters
+    p.num_workers = config.num_workers
+    p.random_seed = config.seed
+    p.max_time_in_seconds = max(0.05, config.packing_time_limit_s * share)
+    p.max_deterministic_time = max(0.05, config.packing_deterministic_limit * share)
+    if config.num_workers > 1:
+        p.interleave_search = True
+    return s
+
+
+def _pack_pool(fleet: FleetSnapshot, pn: str, items: list[PackItem], config: PlannerConfig,
+               current: CurrentPlacement) -> PackResult:
+    t0 = time.perf_counter()
+    pool = fleet.pool(pn)
+    nodes = [n for n in pool.nodes if n.schedulable and n.gpus_free > 0]
+    m = cp_model.CpModel()
+    z: dict[tuple[int, int], cp_model.IntVar] = {}
+    zub: dict[tuple[int, int], int] = {}
+    cur: dict[tuple[int, int], int] = {}
+    node_idx = {n.name: k for k, n in enumerate(nodes)}
+    placed_expr = {}
+    for i, it in enumerate(items):
+        for node, c in current.per_node(it.island).items():
+            if node in node_idx:
+                cur[i, node_idx[node]] = c
+        terms = []
+        for k, n in enumerate(nodes):
+            ub = min(it.replicas, n.gpus_free // it.tp)
+            if ub <= 0:
+                continue
+            z[i, k] = m.NewIntVar(0, ub, f"z{i},{k}")
+            zub[i, k] = ub
+            terms.append(z[i, k])
+        placed_expr[i] = sum(terms) if terms else 0
+        if terms:
+            m.Add(sum(terms) <= it.replicas)
+    per_node: dict[int, list] = {}
+    elig: dict[int, int] = {}
+    for (i, k), var in z.items():
+        per_node.setdefault(k, []).append(items[i].tp * var)
+        elig[i] = elig.get(i, 0) + 1
+    for k, ts in per_node.items():
+        m.Add(sum(ts) <= nodes[k].gpus_free)
+    greedy = _greedy_fill(items, nodes, z, cur)
+    for (i, k), c in greedy.items():
+        m.AddHint(z[i, k], c)
+    moved_terms, spread_terms = [], []
+    for (i, k), c in cur.items():
+        if (i, k) in z:
+            mv = m.NewIntVar(0, c, f"mv{i},{k}")
+            m.Add(mv >= c - z[i, k])
+            moved_terms.append(mv)
+    for (i, k), var in z.items():
+        it = items[i]
+        q = max(1, math.ceil(it.replicas / max(1, elig.get(i, 1))))
+        if zub[i, k] > q:
+            ex = m.NewIntVar(0, it.replicas, f"ex{i},{k}")
+            m.Add(ex >= var - q)
+            spread_terms.append(ex)
+    # running pods on nodes that are gone, cordoned or cannot host them any more must move
+    const_moved = sum(c for (i, k), c in cur.items() if (i, k) not in z)
+    const_moved += sum(c for it in items for node, c in current.per_node(it.island).items()
+                       if node not in node_idx)
+    # (1) placement, lexicographic by priority
+    total_demand = sum(it.replicas * it.tp for it in items)
+    status, gap = "OPTIMAL", 0.0
+    levels = sorted({it.priority for it in items}, reverse=True)
+    solver = _solver(config, 0.5)
+    all_placed = sum(it.tp * placed_expr[i] for i, it in enumerate(items))
+    m.Maximize(all_placed)
+    st = solver.Solve(m)
+    if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        if st == cp_model.INFEASIBLE:
+            return _empty(items, pn, solver.StatusName(st), time.perf_counter() - t0)
+        # out of time before a first solution: fall back to the greedy best-fit placement
+        return _decode(items, nodes, greedy, cur, z, current, const_moved, "GREEDY", math.inf, t0)
+    got = int(round(solver.ObjectiveValue()))
+    if got < total_demand and len(levels) > 1:
+        for lv in levels:
+            expr = sum(it.tp * placed_expr[i] for i, it in enumerate(items) if it.priority == lv)
+            _hints(m, solver, z)
+            m.Maximize(expr)
+            solver = _solver(config, 0.5 / len(levels))
+            st = solver.Solve(m)
+            if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+                break
+            m.Add(expr >= int(round(solver.ObjectiveValue())))
+    else:
+        m.Add(all_placed >= got)
+    # (2) moves, then spread
+    if moved_terms or spread_terms:
+        _hints(m, solver, z)
+        obj = 1000 * sum(moved_terms) + sum(spread_terms)
+        m.Minimize(obj)
+        solver2 = _solver(config, 0.5)
+        st2 = solver2.Solve(m)
+        if st2 in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            solver, st = solver2, st2
+            ov, bd = solver.ObjectiveValue(), solver.BestObjectiveBound()
+            gap = abs(ov - bd) / max(1.0, abs(ov))
+    else:
+        ov, bd = solver.ObjectiveValue(), solver.BestObjectiveBound()
+        gap = abs(ov - bd) / max(1.0, abs(ov))
+    status = solver.StatusName(st)
+    counts: dict[tuple[int, int], int] = {key: int(solver.Value(v)) for key, v in z.items()}
+    return _decode(items, nodes, counts, cur, z, current, const_moved, status, gap, t0)
+
+
+def _decode(items: list[PackItem], nodes: list, counts: dict, cur: dict, z: dict, current: CurrentPlacement,
+            const_moved: int, status: str, gap: float, t0: float) -> PackResult:
+    """Turn per-(island, node) pod counts into named pod assignments and statistics."""
+    assignments: list[PodAssignment] = []
+    placed: dict[str, int] = {}
+    moved = const_moved
+    used = [0] * len(nodes)
+    for i, it in enumerate(items):
+        running = current.islands.get(it.island, {})
+        by_node: dict[str, list[str]] = {}
+        for pod, node in sorted(running.items()):
+            by_node.setdefault(node, []).append(pod)
+        names_taken = set(running)
+        new_idx = 0
+        cnt_total = 0
+        for k, n in enumerate(nodes):
+            c = counts.get((i, k), 0)
+            if not c:
+                continue
+            used[k] += c * it.tp
+            keep = by_node.get(n.name, [])[:c]
+            for pod in keep:
+                assignments.append(PodAssignment(it.island, pod, n.name, it.tp))
+            for _ in range(c - len(keep)):
+                while f"{it.island}#{new_idx}" in names_taken:
+                    new_idx += 1
+                pod = f"{it.island}#{new_idx}"
+                names_taken.add(pod)
+                assignments.append(PodAssignment(it.island, pod, n.name, it.tp))
+            cnt_total += c
+        for (ii, k), c in cur.items():
+            if ii == i and (i, k) in z:
+                moved += max(0, c - counts.get((i, k), 0))
+        placed[it.island] = cnt_total
+    unplaced = sum(it.replicas - placed[it.island] for it in items)
+    tmax = max(it.tp for it in items)
+    stranded = sum(n.gpus_free - used[k] for k, n in enumerate(nodes)
+                   if 0 < n.gpus_free - used[k] < tmax)
+    return PackResult(assignments, placed, unplaced, moved, stranded, status, gap,
+                      time.perf_counter() - t0)
+
+
+def _greedy_fill(items: list[PackItem], nodes: list, z: dict, cur: dict) -> dict[tuple[int, int], int]:
+    """Feasible-by-construction hint: keep running pods where they still fit, then place the
+    rest first-fit-decreasing by (priority, TP) on the node with the fewest free GPUs that fits
+    (best fit)."""
+    free = [n.gpus_free for n in nodes]
+    out: dict[tuple[int, int], int] = {key: 0 for key in z}
+    left = {i: it.replicas for i, it in enumerate(items)}
+    for (i, k), c in sorted(cur.items()):
+        if (i, k) not in z:
+            continue
+        c = min(c, left[i], free[k] // items[i].tp)
+        out[i, k] += c
+        free[k] -= c * items[i].tp
+        left[i] -= c
+    elig: dict[int, list[int]] = {}
+    for (i, k) in z:
+        elig.setdefault(i, []).append(k)
+    for i in sorted(left, key=lambda i: (-items[i].priority, -items[i].tp, items[i].island)):
+        tp = items[i].tp
+        while left[i] > 0:
+            ks = [k for k in elig.get(i, []) if free[k] >= tp]
+            if not ks:
+                break
+            k = min(ks, key=lambda k: (free[k], k))
+            out[i, k] += 1
+            free[k] -= tp
+            left[i] -= 1
+    return out
+
+
+def _hints(m: cp_model.CpModel, solver: cp_model.CpSolver, z: dict) -> None:
+    m.ClearHints()
+    for var in z.values():
+        m.AddHint(var, solver.Value(var))
+
+
+def _empty(items: list[PackItem], pn: str, status: str, wall: float) -> PackResult:
+    return PackResult([], {it.island: 0 for it in items}, sum(it.replicas for it in items), 0, 0,
+                      status, math.inf, wall)
