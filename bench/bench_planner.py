@@ -5,16 +5,17 @@ Llama-3.1-8B (code trace), Llama-3.1-70B (conversation trace) and the MoE Qwen3-
 (conversation trace, a later window), rate-scaled so the fleet is stressed. Every method's plan
 is scored by the same trace-driven simulator (``archipelago.decide.sim``).
 
-Rows:
-* ``<method> (as planned)``: the plan at the default capacity model (headroom 0), one shot;
-* ``<method> @>=99%``: the cheapest plan of that method whose simulated SLO attainment is
-  >= the target, found by raising the capacity headroom on a fixed grid (same grid for all);
-* ``BO + CP-SAT``: the outer loop (qLogNEHVI) over headroom, TTFT/TPOT scales and max_num_seqs,
-  started from the CP-SAT default, with a budget of ``--evals`` evaluations;
-* ``LP lower bound``: LP relaxation at the chosen BO point's capacity parameters (a bound
-  relative to the capacity model, not to the simulator).
+Rows (every plan scored by the same simulator on the same traces):
+* ``<method> one-shot, analytic``: the plan from the analytic queueing capacity, no headroom;
+* ``<method> calibrated + repair``: capacities calibrated per (model, GPU, TP, bucket) in the
+  simulator (``capacity_model="simulated"``) and verify-and-repair of per-model headroom against
+  the traces (``verify=True``) -- the same procedure for the planner and every baseline;
+* ``BO + CP-SAT``: the outer loop (qLogNEHVI) over per-model capacity scales around the repaired
+  point, ``max_num_seqs`` and ``max_num_batched_tokens``, warm-started from CP-SAT + repair;
+* LP lower bounds over all variants with the calibrated capacities (at the scales CP-SAT +
+  repair settled on, and without headroom) -- bounds relative to those capacities.
 
-Usage: ``python bench/bench_planner.py [--window 1200] [--evals 24] [--json out.json]``.
+Usage: ``python bench/bench_planner.py [--window 1200] [--evals 12] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from rich.table import Table
 from archipelago.decide.catalog import load_gpu_catalog, load_model_catalog
 from archipelago.decide.perf import EngineLimits
 from archipelago.decide.planner.baselines import lower_bound, run_baseline
+from archipelago.decide.planner.capacity import CapacityCache
 from archipelago.decide.planner.evaluate import score_plan
-from archipelago.decide.planner.outer import config_from_params, make_evaluator, run_outer_loop, space_for
+from archipelago.decide.planner.outer import make_evaluator, run_outer_loop
 from archipelago.decide.planner.types import (
     FleetSnapshot,
     ModelRequest,
@@ -50,7 +52,6 @@ SHARED = (ROOT / ".." / "shared").resolve()
 if not SHARED.exists():
     SHARED = Path("/work/shared")
 TRACES = SHARED / "data" / "traces"
-HEADROOMS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 def attribution() -> str:
@@ -94,105 +95,125 @@ def build_workload(window_s: float, slo: SLOTarget):
 def row(name, plan, score, wall, slo, ref=None):
     ttft = max((score.p99(k, "ttft") for k in score.per_model), default=math.nan)
     tpot = max((score.p99(k, "tpot") for k in score.per_model), default=math.nan)
+    missed = any(i.constraint == "slo-attainment" for i in plan.infeasibilities)
     return {"method": name, "cost_per_hour": plan.cost_per_hour, "gpus": plan.gpus,
             "attainment": score.attainment, "ttft_p99_s": ttft, "tpot_p99_s": tpot,
             "power_kw": score.power_w / 1000.0, "plan_s": wall, "params": dict(plan.params),
-            "served": min((m.served_fraction for m in plan.models), default=0.0)}
+            "served": min((m.served_fraction for m in plan.models), default=0.0),
+            "per_model_attainment": {k: v.get("attainment") for k, v in score.per_model.items()},
+            "met": (score.attainment >= slo.attainment and not missed),
+            "islands": [(i.id, i.replicas) for i in plan.islands]}
 
 
-def calibrated(name, fleet, reqs, traces, target, base):
-    """Cheapest headroom on the grid whose simulated attainment >= target."""
-    tot = 0.0
-    last = None
-    for h in HEADROOMS:
-        t0 = time.perf_counter()
-        pl = run_baseline(name, fleet, reqs, base.with_(headroom=h))
-        tot += time.perf_counter() - t0
-        sc = score_plan(pl, reqs, traces, fleet)
-        last = (pl, sc)
-        if sc.attainment >= target and min(m.served_fraction for m in pl.models) >= 1.0 - 1e-9:
-            return pl, sc, tot, h
-    return last[0], last[1], tot, None
+def scales_of(plan) -> dict[str, float]:
+    """Per-model capacity scales verify-and-repair settled on (``scale:<key>`` params)."""
+    return {k[6:]: float(v) for k, v in plan.params.items() if k.startswith("scale:")}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--window", type=float, default=1200.0, help="trace window, seconds")
-    ap.add_argument("--evals", type=int, default=30, help="BO evaluations")
-    ap.add_argument("--bo-seconds", type=float, default=420.0, help="BO wall-time budget, s")
+    ap.add_argument("--evals", type=int, default=12, help="BO evaluations")
+    ap.add_argument("--bo-seconds", type=float, default=150.0, help="BO wall-time budget, s")
+    ap.add_argument("--verify-iters", type=int, default=8, help="verify-and-repair rounds per method")
     ap.add_argument("--ttft", type=float, default=3.0)
     ap.add_argument("--tpot", type=float, default=0.15)
     ap.add_argument("--target", type=float, default=0.99)
     ap.add_argument("--json", type=str, default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    con = Console(width=160)
+    con = Console(width=170)
     slo = SLOTarget(ttft_s=args.ttft, tpot_s=args.tpot, attainment=args.target)
     fleet = build_fleet()
     reqs, traces = build_workload(args.window, slo)
     base = PlannerConfig(seed=args.seed)
+    cal = base.with_(capacity_model="simulated", verify=True, verify_max_iters=args.verify_iters)
+    cache = CapacityCache()
     rows = []
+    t_start = time.perf_counter()
     with con.status("running methods ...") as st:
+        # calibration of every variant once (shared by all methods and the bound), timed apart
+        st.update("calibrating capacities in the simulator")
+        t0 = time.perf_counter()
+        lb1 = lower_bound(fleet, reqs, cal.with_(verify=False), cache=cache)
+        calib_s = time.perf_counter() - t0
         for name in ("cpsat", "homogeneous", "melange", "greedy"):
-            st.update(f"{name}: as planned")
+            st.update(f"{name}: one shot (analytic capacity)")
             t0 = time.perf_counter()
             pl = run_baseline(name, fleet, reqs, base)
             wall = time.perf_counter() - t0
             sc = score_plan(pl, reqs, traces, fleet)
-            rows.append(row(f"{name} (as planned)", pl, sc, wall, slo))
-            st.update(f"{name}: calibrating headroom")
-            pl, sc, wall, h = calibrated(name, fleet, reqs, traces, args.target, base)
-            r = row(f"{name} @>={args.target:.0%}", pl, sc, wall, slo)
-            r["calibrated_headroom"] = h
+            rows.append(row(f"{name} one-shot, analytic", pl, sc, wall, slo))
+            st.update(f"{name}: simulated capacity + verify-and-repair")
+            t0 = time.perf_counter()
+            pl = run_baseline(name, fleet, reqs, cal, traces=traces, cache=cache)
+            wall = time.perf_counter() - t0
+            sc = score_plan(pl, reqs, traces, fleet)
+            r = row(f"{name} calibrated + repair", pl, sc, wall, slo)
+            r["scales"] = scales_of(pl)
             rows.append(r)
+        cp = next(r for r in rows if r["method"] == "cpsat calibrated + repair")
         st.update("BO + CP-SAT")
-        ev = make_evaluator(fleet, reqs, traces, base, seed=args.seed)
-        space = space_for(reqs)
-        h_cal = next((r.get("calibrated_headroom") for r in rows if r["method"].startswith("cpsat @")), None)
-        start = {"ttft_scale": 1.0, "tpot_scale": 1.0, "log2_max_num_seqs": 8.0,
-                 "log2_max_num_batched_tokens": 11.0}
-        initial = [{**start, **{f"scale:{r.key}": 1.0 for r in reqs}}]
-        if h_cal is not None:  # warm start from what CP-SAT alone found (the fast loop's answer)
-            initial.append({**start, **{f"scale:{r.key}": 1.0 - h_cal for r in reqs}})
+        ev = make_evaluator(fleet, reqs, traces, cal.with_(verify=False), seed=args.seed, cache=cache)
+        space = bo_space(reqs, cp["scales"])
+        start = {"log2_max_num_seqs": 8.0, "log2_max_num_batched_tokens": 11.0,
+                 **{f"scale:{k}": v for k, v in cp["scales"].items()}}
         t0 = time.perf_counter()
         res = run_outer_loop(ev, max_evals=args.evals, max_wall_s=args.bo_seconds, seed=args.seed,
-                             target=args.target, space=space, initial=initial, n_init=len(initial) + 6,
+                             target=args.target, space=space, initial=[start], n_init=5,
                              progress=lambda i, o: st.update(
                                  f"BO eval {i}: ${o.cost_per_hour:.2f}/h attainment {o.attainment:.3f}"))
         bo_wall = time.perf_counter() - t0
         if res.plan is not None:
             sc = score_plan(res.plan, reqs, traces, fleet)
-            r = row("BO + CP-SAT", res.plan, sc, bo_wall, slo)
+            r = row(f"BO + CP-SAT ({res.evaluations} evals from the repaired point)", res.plan, sc,
+                    bo_wall + cp["plan_s"], slo)
             r["evaluations"] = res.evaluations
+            r["bo_params"] = res.chosen.params
             rows.append(r)
-            cfg = config_from_params(base, res.chosen.params)
-        else:
-            cfg = base
-        lb = lower_bound(fleet, reqs, cfg)
-        rows.append({"method": "LP lower bound (at BO point)", "cost_per_hour": lb, "gpus": None,
-                     "attainment": None, "ttft_p99_s": None, "tpot_p99_s": None, "power_kw": None,
-                     "plan_s": None, "params": {}})
-    homog = next(r for r in rows if r["method"].startswith("homogeneous @"))
+        st.update("LP lower bounds")
+        lb2 = lower_bound(fleet, reqs, cal.with_(verify=False, model_capacity_scale=cp["scales"]), cache=cache)
+    for name, v in (("LP bound, calibrated capacity, scales of CP-SAT+repair", lb2),
+                    ("LP bound, calibrated capacity, no headroom", lb1)):
+        rows.append({"method": name, "cost_per_hour": v, "gpus": None, "attainment": None, "ttft_p99_s": None,
+                     "tpot_p99_s": None, "power_kw": None, "plan_s": None, "params": {}})
+    homog = next(r for r in rows if r["method"] == "homogeneous calibrated + repair")
+    mel = next(r for r in rows if r["method"] == "melange calibrated + repair")
     t = Table(title=f"Planner benchmark: SLO TTFT p99 <= {args.ttft}s, TPOT p99 <= {args.tpot * 1e3:.0f} ms, "
                     f"attainment >= {args.target:.0%}; window {args.window:.0f}s")
-    for c in ("method", "$/h", "GPUs", "served", "attainment", "p99 TTFT s", "p99 TPOT ms", "kW", "plan s",
-              "x homog."):
+    for c in ("method", "$/h", "GPUs", "attainment", "met", "p99 TTFT s", "p99 TPOT ms", "kW", "plan s",
+              "x homog.", "x Melange", "x LB"):
         t.add_column(c, justify="right" if c != "method" else "left")
 
     def f(v, fmt):
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
     for r in rows:
-        ratio = r["cost_per_hour"] / homog["cost_per_hour"] if homog["cost_per_hour"] else math.nan
-        t.add_row(r["method"], f(r["cost_per_hour"], ".2f"), f(r["gpus"], "d"), f(r.get("served"), ".3f"),
-                  f(r["attainment"], ".3f"),
+        c = r["cost_per_hour"]
+        t.add_row(r["method"], f(c, ".2f"), f(r["gpus"], "d"), f(r["attainment"], ".3f"),
+                  "-" if "met" not in r else ("yes" if r["met"] else "NO"),
                   f(r["ttft_p99_s"], ".2f"), f(None if r["tpot_p99_s"] is None else r["tpot_p99_s"] * 1e3, ".0f"),
-                  f(r["power_kw"], ".1f"), f(r["plan_s"], ".2f"), f(ratio, ".2f"))
+                  f(r["power_kw"], ".1f"), f(r["plan_s"], ".1f"), f(c / homog["cost_per_hour"], ".2f"),
+                  f(c / mel["cost_per_hour"], ".2f"), f(c / lb2 if lb2 else math.nan, ".2f"))
     con.print(t)
+    con.print(f"simulator calibration of all {cache.misses} (variant, bucket) capacities: {calib_s:.1f} s "
+              f"(cached, shared by every method); total bench {time.perf_counter() - t_start:.0f} s")
     con.print("[bold]Traces:[/bold]")
     con.print(attribution())
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2, default=str))
+        Path(args.json).write_text(json.dumps({"rows": rows, "args": vars(args), "calibration_s": calib_s},
+                                              indent=2, default=str))
+
+
+def bo_space(reqs, scales: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """BO search space around the repaired point: per-model capacity scale within x0.75..x1.35
+    of the repaired scale, log2 max_num_seqs in [5, 9], log2 max_num_batched_tokens in [10, 13]
+    (rounded to powers of two by the evaluator so calibrations are reused)."""
+    sp: dict[str, tuple[float, float]] = {"log2_max_num_seqs": (5.0, 9.0), "log2_max_num_batched_tokens": (10.0, 13.0)}
+    for r in reqs:
+        s = scales.get(r.key, 1.0)
+        sp[f"scale:{r.key}"] = (0.75 * s, 1.35 * s)
+    return sp
 
 
 if __name__ == "__main__":

@@ -207,6 +207,10 @@ def plan_command(
     bo_seconds: float = typer.Option(300.0, help="outer-loop wall-time budget, s"),
     headroom: float = typer.Option(0.0, help="fraction of modelled capacity kept free"),
     time_limit: float = typer.Option(10.0, help="CP-SAT time limit per solve, s"),
+    calibrate: bool = typer.Option(False, "--calibrate", help="calibrate per-replica capacities in the simulator "
+                                   "(slower, cached; see docs/planner.md)"),
+    verify: bool = typer.Option(False, "--verify", help="verify the plan in the simulator (on --trace, else a "
+                                "synthetic trace from the workload) and repair per-model headroom"),
     seed: int = typer.Option(0, help="solver and BO seed"),
     plot_path: Path | None = typer.Option(None, "--plot", help="write Pareto front + cost comparison PNG"),
     json_out: bool = typer.Option(False, "--json", help="print the plan as JSON"),
@@ -236,13 +240,15 @@ def plan_command(
     except (PlanInputError, ValueError, OSError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
-    cfg = PlannerConfig(seed=seed, headroom=headroom, inner_time_limit_s=time_limit)
+    cfg = PlannerConfig(seed=seed, headroom=headroom, inner_time_limit_s=time_limit,
+                        capacity_model="simulated" if calibrate else "analytic", verify=verify)
     traces = {r.key: tr for r in reqs} if tr is not None else None
+    vkw = {"traces": traces} if verify else {}
     score = None
     with console.status("planning ...") as st:
         if baseline:
             try:
-                p = run_baseline(baseline, fleet, reqs, cfg)
+                p = run_baseline(baseline, fleet, reqs, cfg, **vkw)
             except ValueError as e:
                 console.print(f"[red]error:[/red] {e}")
                 raise typer.Exit(2) from None
@@ -267,20 +273,24 @@ def plan_command(
         else:
             from archipelago.decide.planner.planner import plan as run_plan
 
-            p = run_plan(fleet, reqs, None, cfg)
+            p = run_plan(fleet, reqs, None, cfg, **vkw,
+                         **({"progress": lambda i, r: st.update(f"verify round {i}: ${r.cost_per_hour:.2f}/h, "
+                                                                f"attainment {min(r.attainment.values()):.3f}")}
+                            if verify else {}))
         if traces:
             from archipelago.decide.planner.evaluate import attach_score, score_plan
 
             st.update("simulating ...")
             score = score_plan(p, reqs, traces, fleet, seed=seed)
             p = attach_score(p, score)
-        lb = lower_bound(fleet, reqs, cfg)
+        scales = {k[6:]: float(v) for k, v in p.params.items() if k.startswith("scale:")}
+        lb = lower_bound(fleet, reqs, cfg.with_(verify=False, model_capacity_scale=scales or cfg.model_capacity_scale))
         costs = {}
         if plot_path is not None:
             st.update("baselines for the plot ...")
             costs = {"plan": p.cost_per_hour}
             for b in ("homogeneous", "melange", "greedy"):
-                costs[b] = run_baseline(b, fleet, reqs, cfg).cost_per_hour
+                costs[b] = run_baseline(b, fleet, reqs, cfg, **vkw).cost_per_hour
             costs["LP bound"] = lb
     if plot_path is not None:
         plot(plot_path, p, costs)

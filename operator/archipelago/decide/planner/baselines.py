@@ -30,7 +30,9 @@ BASELINES = ("homogeneous", "melange", "greedy")
 def best_homogeneous(fleet: FleetSnapshot, requests: list[ModelRequest], config: PlannerConfig | None = None,
                      **kw: Any) -> Plan:
     """Cheapest feasible plan that uses one GPU type (pool) for every model. If no single pool
-    serves everything, the plan serving the most load (then cheapest) is returned."""
+    serves everything, the plan serving the most load (then cheapest) is returned. With
+    ``config.verify`` each pool's plan is repaired in the simulator and pools whose plan meets
+    every SLO there are preferred."""
     cfg = config or PlannerConfig()
     t0 = time.perf_counter()
     best: tuple[Any, Plan] | None = None
@@ -40,7 +42,8 @@ def best_homogeneous(fleet: FleetSnapshot, requests: list[ModelRequest], config:
             continue
         pl = plan(fleet, reqs, None, cfg, method=f"homogeneous:{p.gpu}", **kw)
         served = min((m.served_fraction for m in pl.models), default=0.0)
-        key = (-round(served, 6), pl.cost_per_hour)
+        missed = any(i.constraint == "slo-attainment" for i in pl.infeasibilities)
+        key = (missed, -round(served, 6), pl.cost_per_hour)
         if best is None or key < best[0]:
             best = (key, pl)
     if best is None:
@@ -62,8 +65,8 @@ def smallest_fitting_tp(fleet: FleetSnapshot, requests: list[ModelRequest], conf
                         gpu_catalog: Any = None, perf_factory: Callable[..., Any] | None = None
                         ) -> dict[tuple[str, str], int]:
     """``{(model_key, pool): tp}`` -- the smallest allowed TP whose replica fits in memory."""
-    prob = build_problem(fleet, requests, config, gpu_catalog=gpu_catalog, perf_factory=perf_factory,
-                         cache=SHARED_CACHE)
+    prob = build_problem(fleet, requests, config.with_(capacity_model="analytic"), gpu_catalog=gpu_catalog,
+                         perf_factory=perf_factory, cache=SHARED_CACHE)
     out: dict[tuple[str, str], int] = {}
     for mp in prob.models:
         for v in mp.all_variants:
@@ -85,11 +88,32 @@ def greedy_cost_per_capacity(fleet: FleetSnapshot, requests: list[ModelRequest],
                              config: PlannerConfig | None = None, *, gpu_catalog: Any = None,
                              perf_factory: Callable[..., Any] | None = None,
                              cache: CapacityCache | None = None, current: CurrentPlacement | None = None,
-                             **_: Any) -> Plan:
+                             traces: dict[str, Any] | None = None, **_: Any) -> Plan:
     """Greedy: per model (highest priority first) pick the variant with the lowest $/h per unit
     of capacity for the model's whole mix (harmonic capacity ``1 / sum_b f_b / cap_b``) and add
-    replicas until the load fits, moving to the next variant when its pool runs out of GPUs."""
+    replicas until the load fits, moving to the next variant when its pool runs out of GPUs.
+
+    Uses the same capacities as the planner (``config.capacity_model``) and, with
+    ``config.verify``, the same verify-and-repair of per-model headroom (:mod:`.repair`)."""
     cfg = config or PlannerConfig()
+    if cfg.verify:
+        from .repair import verify_and_repair
+
+        t0 = time.perf_counter()
+        pl, _, _ = verify_and_repair(
+            lambda c: _greedy_once(fleet, requests, c, gpu_catalog=gpu_catalog, perf_factory=perf_factory,
+                                   cache=cache, current=current), requests, fleet, cfg, traces=traces,
+            gpu_catalog=gpu_catalog, perf_factory=perf_factory)
+        import dataclasses
+
+        return dataclasses.replace(pl, stats=dataclasses.replace(pl.stats, wall_s=time.perf_counter() - t0))
+    return _greedy_once(fleet, requests, cfg, gpu_catalog=gpu_catalog, perf_factory=perf_factory, cache=cache,
+                        current=current)
+
+
+def _greedy_once(fleet: FleetSnapshot, requests: list[ModelRequest], cfg: PlannerConfig, *, gpu_catalog: Any,
+                 perf_factory: Callable[..., Any] | None, cache: CapacityCache | None,
+                 current: CurrentPlacement | None) -> Plan:
     t0 = time.perf_counter()
     prob = build_problem(fleet, requests, cfg, gpu_catalog=gpu_catalog, perf_factory=perf_factory,
                          cache=cache if cache is not None else SHARED_CACHE)
@@ -152,12 +176,16 @@ def greedy_cost_per_capacity(fleet: FleetSnapshot, requests: list[ModelRequest],
 
 
 def lower_bound(fleet: FleetSnapshot, requests: list[ModelRequest], config: PlannerConfig | None = None, *,
-                gpu_catalog: Any = None, perf_factory: Callable[..., Any] | None = None) -> float:
-    """LP-relaxation lower bound on $/h (see :func:`archipelago.decide.planner.islands.lp_lower_bound`);
-    NaN if the LP fails."""
+                gpu_catalog: Any = None, perf_factory: Callable[..., Any] | None = None,
+                cache: CapacityCache | None = None) -> float:
+    """LP-relaxation lower bound on $/h (see :func:`archipelago.decide.planner.islands.lp_lower_bound`)
+    over *every* fitting variant with the config's capacities: with
+    ``capacity_model="simulated"`` all variants are calibrated (not only the pruned candidates)
+    and ``model_capacity_scale`` (e.g. the scales verify-and-repair settled on) applies. A bound
+    relative to those capacities, not to the simulator. NaN if the LP fails."""
     cfg = config or PlannerConfig()
     prob = build_problem(fleet, requests, cfg, gpu_catalog=gpu_catalog, perf_factory=perf_factory,
-                         cache=SHARED_CACHE)
+                         cache=cache if cache is not None else SHARED_CACHE, calibrate_all=True)
     return lp_lower_bound(prob).cost_per_hour
 
 

@@ -352,3 +352,17 @@ class CapacityCache:
         else:
             self.hits += 1
         return c
+
+    def get_or(self, key: Any, compute: Any) -> Capacity:
+        """The entry under ``key``, computing it with ``compute()`` on a miss (used for the
+        simulator-calibrated capacities of :mod:`.calibrate`)."""
+        c = self._d.get(key)
+        if c is None:
+            self.misses += 1
+            c = compute()
+            if len(self._d) >= self.max_entries:
+                self._d.clear()
+            self._d[key] = c
+        else:
+            self.hits += 1
+        return c

@@ -62,6 +62,8 @@ class Variant:
     busy_w: float
     idle_w: float
     caps: list[Capacity]
+    scale: float = 1.0
+    calibrated: bool = False
 
 
 @dataclass
@@ -148,7 +150,8 @@ _PERF_POOLS: dict[Any, _PerfPool] = {}
 def build_problem(fleet: FleetSnapshot, requests: list[ModelRequest], config: PlannerConfig, *,
                   gpu_catalog: Any = None, perf_factory: Callable[..., Any] | None = None,
                   cache: CapacityCache | None = None, current: CurrentPlacement | None = None,
-                  fixed_tp: dict[tuple[str, str], int] | None = None) -> Problem:
+                  fixed_tp: dict[tuple[str, str], int] | None = None,
+                  calibrate_all: bool = False) -> Problem:
     """Enumerate buckets and candidate variants with their SLO capacities.
 
     Args:
@@ -161,6 +164,8 @@ def build_problem(fleet: FleetSnapshot, requests: list[ModelRequest], config: Pl
         current: running islands (always kept as candidates, for churn).
         fixed_tp: ``{(model_key, pool): tp}`` restricts a model to one TP per pool (baselines
             and the outer loop use it).
+        calibrate_all: with ``config.capacity_model == "simulated"``, calibrate every fitting
+            variant (for the LP lower bound), not only the candidates kept after pruning.
 
     Returns:
         :class:`Problem`. Models that cannot run anywhere get :class:`Infeasibility` notes
@@ -234,7 +239,7 @@ def build_problem(fleet: FleetSnapshot, requests: list[ModelRequest], config: Pl
                             tp=tp, perf=perf, limits=limits,
                             price=float(perf.price_per_hour(p.price_per_gpu_hour)),
                             busy_w=_power(perf, "decode", p.power_w, tp),
-                            idle_w=_power(perf, "idle", None, tp), caps=caps)
+                            idle_w=_power(perf, "idle", None, tp), caps=caps, scale=scale)
                 mp.all_variants.append(v)
         if not mp.all_variants:
             if fit_errors:
@@ -273,8 +278,56 @@ def build_problem(fleet: FleetSnapshot, requests: list[ModelRequest], config: Pl
             keep.add(min(mp.all_variants, key=lambda v: (v.price, v.iid)).iid)
         keep |= running
         mp.variants = [v for v in mp.all_variants if v.iid in keep]
+        if config.capacity_model == "simulated":
+            _calibrate(mp, config, cache, ttft, tpot, calibrate_all)
         problem.models.append(mp)
     return problem
+
+
+def _calibrate(mp: ModelProblem, config: PlannerConfig, cache: CapacityCache, ttft: float, tpot: float,
+               calibrate_all: bool) -> None:
+    """Replace the analytic capacities of the candidate variants by simulator-calibrated ones
+    (:mod:`.calibrate`); buckets no candidate can serve any more become dead (explained)."""
+    import dataclasses
+
+    from .calibrate import calibrated_capacity, output_shape, per_replica_cv
+
+    req = mp.req
+    slo = dataclasses.replace(req.slo, ttft_s=ttft, tpot_s=tpot) if dataclasses.is_dataclass(req.slo) else req.slo
+    shape = output_shape(req.workload)
+    rate = max(1e-9, req.workload.rate_rps)
+    targets = mp.all_variants if calibrate_all else mp.variants
+    for v in targets:
+        if v.calibrated:
+            continue
+        key = (req.model_name, v.gpu, v.tp, repr(v.limits))
+        caps = []
+        for bi, b in enumerate(mp.buckets):
+            a = v.caps[bi]
+            raw = Capacity(a.rate_rps / v.scale, a.binding, a.idle_ttft_s, a.idle_tpot_s, a.at_capacity) \
+                if v.scale not in (0.0, 1.0) else a
+            if bi in mp.dead or raw.rate_rps <= 0:
+                caps.append(a)
+                continue
+            cv = per_replica_cv(req.workload.arrival_cv, raw.rate_rps / rate)
+            c = calibrated_capacity(cache, key, v.perf, v.limits, b, slo, analytic=raw, out_shape=shape,
+                                    cv=cv, n_requests=config.calib_requests, max_sims=config.calib_max_sims,
+                                    rel_tol=config.calib_rel_tol, seed=config.calib_seed)
+            caps.append(Capacity(c.rate_rps * v.scale, c.binding, c.idle_ttft_s, c.idle_tpot_s, c.at_capacity))
+        v.caps = caps
+        v.calibrated = True
+    newly = [bi for bi in range(len(mp.buckets)) if bi not in mp.dead
+             and all(v.caps[bi].rate_rps <= 0 for v in mp.variants)]
+    for bi in newly:
+        b = mp.buckets[bi]
+        mp.dead.add(bi)
+        mp.notes.append(Infeasibility(
+            req.key, "ttft-slo",
+            f"prompts of {b.lo:.0f}-{b.hi:.0f} tokens ({b.fraction:.1%} of requests): no candidate island "
+            f"meets the SLO (TTFT {ttft:.3f} s, TPOT {tpot * 1e3:.1f} ms, attainment {req.slo.attainment:.0%}) "
+            "in the simulator even at 1 % of its modelled capacity",
+            "relax the TTFT/TPOT target, allow faster GPUs or a higher TP degree, or cap prompt length",
+            served_fraction=1.0 - b.fraction))
 
 
 def _explain_dead(mp: ModelProblem, ttft: float, tpot: float) -> None:

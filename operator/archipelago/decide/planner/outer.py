@@ -251,7 +251,7 @@ def space_for(requests: list[Any], per_model: bool = True) -> dict[str, tuple[fl
 
 def config_from_params(base: Any, params: dict[str, float]) -> Any:
     """Apply outer-loop ``params`` to a :class:`PlannerConfig` (``scale:<key>`` entries become
-    ``model_capacity_scale``)."""
+    ``model_capacity_scale``; ``log2_*`` engine limits are rounded to powers of two)."""
     kw: dict[str, Any] = {}
     scales = {k[6:]: float(v) for k, v in params.items() if k.startswith("scale:")}
     if scales:
@@ -262,19 +262,23 @@ def config_from_params(base: Any, params: dict[str, float]) -> Any:
         kw["ttft_scale"] = float(params["ttft_scale"])
     if "tpot_scale" in params:
         kw["tpot_scale"] = float(params["tpot_scale"])
+    # engine limits are rounded to powers of two: a handful of distinct values keeps the
+    # simulator-calibrated capacities (cached per limits) reusable across evaluations
     if "log2_max_num_seqs" in params:
-        kw["max_num_seqs"] = int(round(2 ** params["log2_max_num_seqs"]))
+        kw["max_num_seqs"] = int(2 ** round(params["log2_max_num_seqs"]))
     if "log2_max_num_batched_tokens" in params:
-        kw["max_num_batched_tokens"] = int(round(2 ** params["log2_max_num_batched_tokens"]))
+        kw["max_num_batched_tokens"] = int(2 ** round(params["log2_max_num_batched_tokens"]))
     return base.with_(**kw)
 
 
 def make_evaluator(fleet: Any, requests: list[Any], traces: dict[str, Any], base_config: Any, *,
                    seed: int = 0, gpu_catalog: Any = None, perf_factory: Any = None,
-                   planner: Callable[..., Any] | None = None) -> Callable[[dict[str, float]], tuple[Any, Any]]:
+                   planner: Callable[..., Any] | None = None, cache: Any = None
+                   ) -> Callable[[dict[str, float]], tuple[Any, Any]]:
     """``params -> (plan, score)``: inner loop with the params applied (no pod packing), scored
     by :func:`archipelago.decide.planner.evaluate.score_plan`. A plan that does not serve
-    every model scores attainment = its simulated attainment (unserved models count 0)."""
+    every model scores attainment = its simulated attainment (unserved models count 0).
+    ``cache``: capacity memo shared across evaluations (simulated calibrations)."""
     from .evaluate import score_plan
     from .planner import plan as run_plan
 
@@ -282,8 +286,9 @@ def make_evaluator(fleet: Any, requests: list[Any], traces: dict[str, Any], base
 
     def ev(params: dict[str, float]) -> tuple[Any, Any]:
         cfg = config_from_params(base_config, params)
+        kw = {"cache": cache} if cache is not None else {}
         pl = planner(fleet, requests, None, cfg, gpu_catalog=gpu_catalog, perf_factory=perf_factory,
-                     pack_pods=False)
+                     pack_pods=False, **kw)
         sc = score_plan(pl, requests, traces, fleet, gpu_catalog=gpu_catalog, perf_factory=perf_factory,
                         seed=seed)
         if not math.isfinite(sc.power_w):

@@ -44,7 +44,9 @@ class PackResult:
     """Packing outcome: ``assignments``; ``placed[island]`` pods placed; ``unplaced`` pods not
     placed; ``moved`` running pods that move or stop; ``stranded_gpus``; ``status`` (worst
     CP-SAT status over pools); ``gap`` (max relative gap of the last stage over pools, 0 =
-    proven optimal); ``wall_s``; ``per_pool`` stats."""
+    proven optimal, 1 = no bound); ``placement_gap`` (max over pools of the relative gap of the
+    placed GPUs to :func:`placement_upper_bound` or CP-SAT's bound: the primary objective);
+    ``wall_s``; ``per_pool`` stats."""
 
     assignments: list[PodAssignment]
     placed: dict[str, int]
@@ -55,6 +57,7 @@ class PackResult:
     gap: float
     wall_s: float
     per_pool: dict[str, dict] = field(default_factory=dict)
+    placement_gap: float = 0.0
 
 
 def pack(fleet: FleetSnapshot, items: list[PackItem], config: PlannerConfig,
@@ -86,11 +89,12 @@ def pack(fleet: FleetSnapshot, items: list[PackItem], config: PlannerConfig,
         res.moved += r.moved
         res.stranded_gpus += r.stranded_gpus
         res.gap = max(res.gap, r.gap)
+        res.placement_gap = max(res.placement_gap, r.placement_gap)
         if rank.get(r.status, 2) > rank.get(res.status, 2):
             res.status = r.status
         res.per_pool[pn] = {"status": r.status, "gap": r.gap, "wall_s": r.wall_s, "pods": sum(
             i.replicas for i in by_pool[pn]), "unplaced": r.unplaced, "moved": r.moved,
-            "stranded_gpus": r.stranded_gpus}
+            "stranded_gpus": r.stranded_gpus, "placement_gap": r.placement_gap}
     res.wall_s = time.perf_counter() - t0
     return res
 
@@ -109,6 +113,16 @@ def _solver(config: PlannerConfig, share: float) -> cp_model.CpSolver:
 
 def _pack_pool(fleet: FleetSnapshot, pn: str, items: list[PackItem], config: PlannerConfig,
                current: CurrentPlacement) -> PackResult:
+    r = _pack_pool_inner(fleet, pn, items, config, current)
+    free = [n.gpus_free for n in fleet.pool(pn).nodes if n.schedulable and n.gpus_free > 0]
+    ub = placement_upper_bound(items, free)
+    placed = sum(it.tp * r.placed.get(it.island, 0) for it in items)
+    r.placement_gap = (ub - placed) / ub if ub > 0 else 0.0
+    return r
+
+
+def _pack_pool_inner(fleet: FleetSnapshot, pn: str, items: list[PackItem], config: PlannerConfig,
+                     current: CurrentPlacement) -> PackResult:
     t0 = time.perf_counter()
     pool = fleet.pool(pn)
     nodes = [n for n in pool.nodes if n.schedulable and n.gpus_free > 0]
@@ -164,17 +178,26 @@ def _pack_pool(fleet: FleetSnapshot, pn: str, items: list[PackItem], config: Pla
     total_demand = sum(it.replicas * it.tp for it in items)
     status, gap = "OPTIMAL", 0.0
     levels = sorted({it.priority for it in items}, reverse=True)
-    solver = _solver(config, 0.5)
     all_placed = sum(it.tp * placed_expr[i] for i, it in enumerate(items))
-    m.Maximize(all_placed)
-    st = solver.Solve(m)
-    if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        if st == cp_model.INFEASIBLE:
-            return _empty(items, pn, solver.StatusName(st), time.perf_counter() - t0)
-        # out of time before a first solution: fall back to the greedy best-fit placement
-        return _decode(items, nodes, greedy, cur, z, current, const_moved, "GREEDY", math.inf, t0)
-    got = int(round(solver.ObjectiveValue()))
-    if got < total_demand and len(levels) > 1:
+    ub = placement_upper_bound(items, [n.gpus_free for n in nodes])
+    g_placed = sum(items[i].tp * c for (i, _k), c in greedy.items())
+    if g_placed >= ub:
+        # the greedy placement attains the upper bound: stage (1) is optimal without a solve
+        got = g_placed
+        solver = None
+    else:
+        solver = _solver(config, 0.5)
+        m.Maximize(all_placed)
+        st = solver.Solve(m)
+        if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            if st == cp_model.INFEASIBLE:
+                return _empty(items, pn, solver.StatusName(st), time.perf_counter() - t0)
+            # out of time before a first solution: the greedy best-fit placement, with the gap
+            # of its placed GPUs to the upper bound (bound-based, relative)
+            return _decode(items, nodes, greedy, cur, z, current, const_moved, "GREEDY",
+                           (ub - g_placed) / max(1, ub), t0)
+        got = int(round(solver.ObjectiveValue()))
+    if solver is not None and got < total_demand and len(levels) > 1:
         for lv in levels:
             expr = sum(it.tp * placed_expr[i] for i, it in enumerate(items) if it.priority == lv)
             _hints(m, solver, z)
@@ -187,22 +210,53 @@ def _pack_pool(fleet: FleetSnapshot, pn: str, items: list[PackItem], config: Pla
     else:
         m.Add(all_placed >= got)
     # (2) moves, then spread
+    if solver is None:
+        m.ClearHints()
+        for key, var in z.items():
+            m.AddHint(var, greedy.get(key, 0))
     if moved_terms or spread_terms:
-        _hints(m, solver, z)
+        if solver is not None:
+            _hints(m, solver, z)
         obj = 1000 * sum(moved_terms) + sum(spread_terms)
         m.Minimize(obj)
-        solver2 = _solver(config, 0.5)
+        solver2 = _solver(config, 1.0 if solver is None else 0.5)
         st2 = solver2.Solve(m)
         if st2 in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             solver, st = solver2, st2
             ov, bd = solver.ObjectiveValue(), solver.BestObjectiveBound()
             gap = abs(ov - bd) / max(1.0, abs(ov))
-    else:
+        elif solver is None:
+            # no CP-SAT solution in time: keep the greedy placement (optimal in placed GPUs);
+            # gap of its moves+spread objective to CP-SAT's bound (or to the forced moves)
+            g_obj = 1000 * sum(max(0, c - greedy.get(key, 0)) for key, c in cur.items() if key in z)
+            g_obj += sum(max(0, greedy.get(key, 0) - max(1, math.ceil(items[key[0]].replicas
+                                                                       / max(1, elig.get(key[0], 1)))))
+                         for key in z)
+            bd = max(0.0, solver2.BestObjectiveBound()) if math.isfinite(solver2.BestObjectiveBound()) else 0.0
+            return _decode(items, nodes, greedy, cur, z, current, const_moved, "GREEDY",
+                           (g_obj - min(bd, g_obj)) / max(1.0, g_obj), t0)
+    elif solver is not None:
         ov, bd = solver.ObjectiveValue(), solver.BestObjectiveBound()
         gap = abs(ov - bd) / max(1.0, abs(ov))
+    if solver is None:
+        return _decode(items, nodes, greedy, cur, z, current, const_moved, "OPTIMAL", 0.0, t0)
     status = solver.StatusName(st)
     counts: dict[tuple[int, int], int] = {key: int(solver.Value(v)) for key, v in z.items()}
     return _decode(items, nodes, counts, cur, z, current, const_moved, status, gap, t0)
+
+
+def placement_upper_bound(items: list[PackItem], free: list[int]) -> int:
+    """Upper bound on the GPUs a pool can place (GPUs): the demand ``sum_i R_i tp_i``, the free
+    GPUs, and for every TP level ``t`` the GPUs usable in whole ``t``-blocks
+    (``sum_k floor(free_k / t) t``) for islands of TP >= ``t`` plus the demand of smaller ones
+    (valid for power-of-two TP degrees: a pod of TP >= t uses whole t-blocks)."""
+    demand = sum(it.replicas * it.tp for it in items)
+    ub = min(demand, sum(free))
+    for t in sorted({it.tp for it in items}):
+        big = sum(it.replicas * it.tp for it in items if it.tp >= t)
+        small = demand - big
+        ub = min(ub, min(big, sum((f // t) * t for f in free)) + small)
+    return int(ub)
 
 
 def _decode(items: list[PackItem], nodes: list, counts: dict, cur: dict, z: dict, current: CurrentPlacement,

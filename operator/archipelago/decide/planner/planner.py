@@ -5,6 +5,7 @@ against the previous plan.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -44,22 +45,29 @@ def plan(fleet: FleetSnapshot, requests: list[ModelRequest], current: CurrentPla
          config: PlannerConfig | None = None, *, previous: Plan | None = None, gpu_catalog: Any = None,
          perf_factory: Callable[..., Any] | None = None, cache: CapacityCache | None = None,
          fixed_tp: dict[tuple[str, str], int] | None = None, method: str = "cpsat",
-         pack_pods: bool = True) -> Plan:
+         pack_pods: bool = True, traces: dict[str, Any] | None = None,
+         progress: Callable[[int, Any], None] | None = None) -> Plan:
     """Plan islands and pod placement for ``requests`` on ``fleet``.
 
     Args:
         fleet: pools, nodes, free GPUs, prices.
         requests: models with SLOs and workloads.
         current: running pods per island (warm start, churn penalty, minimum moves).
-        config: :class:`PlannerConfig` (default values if None).
+        config: :class:`PlannerConfig` (default values if None). ``capacity_model="simulated"``
+            calibrates capacities in the simulator (:mod:`.calibrate`, cached in ``cache``);
+            ``verify=True`` adds verify-and-repair (:mod:`.repair`).
         previous: the plan in force; it is kept (``kept_previous=True``) while it still serves
             the load and fits the fleet, unless the new plan is cheaper by more than
             ``config.hysteresis_margin`` (relative, on the objective $/h).
         gpu_catalog, perf_factory: override the GPU catalogue / performance model (tests).
-        cache: capacity memo (default: process-wide).
+        cache: capacity memo (default: process-wide; keep one across calls to reuse
+            calibrations).
         fixed_tp: ``{(model_key, pool): tp}`` TP restrictions (baselines, outer loop).
         method: name recorded in ``stats.method``.
         pack_pods: False skips pod packing (used by the outer loop's inner evaluations).
+        traces: ``{model_key: Trace}`` used by verify-and-repair (synthetic from the workload
+            histograms for models without one).
+        progress: verify-and-repair callback ``(round, RepairRound)``.
 
     Returns:
         :class:`Plan`; infeasible parts are reported in ``plan.infeasibilities``.
@@ -70,6 +78,32 @@ def plan(fleet: FleetSnapshot, requests: list[ModelRequest], current: CurrentPla
     cfg = config or PlannerConfig()
     t0 = time.perf_counter()
     cache = cache if cache is not None else SHARED_CACHE
+    kw = dict(gpu_catalog=gpu_catalog, perf_factory=perf_factory, cache=cache, fixed_tp=fixed_tp,
+              method=method, pack_pods=pack_pods, previous=previous)
+    if cfg.verify:
+        from .repair import verify_and_repair
+
+        new, cfg, _ = verify_and_repair(lambda c: _plan_once(fleet, requests, current, c, **kw)[0], requests,
+                                        fleet, cfg, traces=traces, gpu_catalog=gpu_catalog,
+                                        perf_factory=perf_factory, progress=progress)
+        problem = build_problem(fleet, requests, cfg, gpu_catalog=gpu_catalog, perf_factory=perf_factory,
+                                cache=cache, current=current, fixed_tp=fixed_tp)
+        new = dataclasses.replace(new, stats=dataclasses.replace(new.stats, wall_s=time.perf_counter() - t0))
+    else:
+        new, problem = _plan_once(fleet, requests, current, cfg, **kw)
+    if previous is not None:
+        kept = apply_hysteresis(problem, new, previous, current, cfg)
+        if kept is not None:
+            return kept
+    return new
+
+
+def _plan_once(fleet: FleetSnapshot, requests: list[ModelRequest], current: CurrentPlacement | None,
+               cfg: PlannerConfig, *, gpu_catalog: Any, perf_factory: Callable[..., Any] | None,
+               cache: CapacityCache, fixed_tp: dict[tuple[str, str], int] | None, method: str,
+               pack_pods: bool, previous: Plan | None) -> tuple[Plan, Problem]:
+    """One inner-loop pass: build the problem, CP-SAT island sizing, packing with feedback."""
+    t0 = time.perf_counter()
     problem = build_problem(fleet, requests, cfg, gpu_catalog=gpu_catalog, perf_factory=perf_factory,
                             cache=cache, current=current, fixed_tp=fixed_tp)
     hint = None
@@ -99,11 +133,7 @@ def plan(fleet: FleetSnapshot, requests: list[ModelRequest], current: CurrentPla
         cut = newcut
     assert sol is not None
     new = assemble(problem, sol, packed, method=method, wall_s=time.perf_counter() - t0, rounds=rounds)
-    if previous is not None:
-        kept = apply_hysteresis(problem, new, previous, current, cfg)
-        if kept is not None:
-            return kept
-    return new
+    return new, problem
 
 
 def _pack_items(problem: Problem, sol: IslandSolution) -> list[PackItem]:
@@ -216,7 +246,8 @@ def assemble(problem: Problem, sol: IslandSolution, packed: PackResult | None, *
                        bound=sol.bound, packing_status=pstat, packing_wall_s=float(pwall or 0.0),
                        packing_gap=pgap, num_variables=sol.num_variables,
                        lexicographic_stages=sol.stages, note=f"packing rounds={rounds}")
-    params = {"headroom": h, "ttft_scale": cfg.ttft_scale, "tpot_scale": cfg.tpot_scale}
+    params = {"headroom": h, "ttft_scale": cfg.ttft_scale, "tpot_scale": cfg.tpot_scale,
+              "simulated_capacity": 1.0 if cfg.capacity_model == "simulated" else 0.0}
     pareto = (ParetoPoint(total_cost, min((m.served_fraction for m in models), default=1.0), total_w,
                           params, chosen=True),)
     return Plan(models=tuple(models), assignments=assignments, cost_per_hour=total_cost, power_w=total_w,

@@ -34,6 +34,12 @@ Engine = Literal["vllm", "sglang"]
 # powers of two here keep TP/chunk arithmetic simple).
 DEFAULT_INPUT_EDGES: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
+# Default upper edges (tokens) for output-length histograms built from traces: vLLM's 1-2-5
+# series of ``vllm:request_generation_tokens`` buckets (short outputs matter: a request's mean
+# TPOT over a few tokens is ruined by one long co-scheduled prefill step).
+DEFAULT_OUTPUT_EDGES: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000,
+                                         20000, 50000)
+
 
 class PlannerInputError(ValueError):
     """Raised for malformed planner input (not for infeasible-but-valid input, which becomes an
@@ -162,6 +168,9 @@ class Workload:
             ``input_hist`` (known when built from a trace; otherwise the bucket midpoint is used).
         output_mean_by_input: optional per-input-bucket mean output length (tokens); otherwise
             input and output lengths are assumed independent (Prometheus gives marginals only).
+        arrival_cv: optional coefficient of variation (std/mean) of the inter-arrival gaps at
+            short time scales (gaps clipped at their 99th percentile, so idle periods do not
+            count); None = Poisson (1.0). Used by the simulated capacity calibration.
     """
 
     rate_rps: float
@@ -173,8 +182,11 @@ class Workload:
     output_p90: float | None = None
     input_means: tuple[float, ...] | None = None
     output_mean_by_input: tuple[float, ...] | None = None
+    arrival_cv: float | None = None
 
     def __post_init__(self) -> None:
+        if self.arrival_cv is not None and not (self.arrival_cv > 0 and math.isfinite(self.arrival_cv)):
+            raise PlannerInputError(f"workload.arrival_cv must be a finite number > 0, got {self.arrival_cv!r}")
         if not (self.rate_rps >= 0 and math.isfinite(self.rate_rps)):
             raise PlannerInputError(f"workload.rate_rps must be finite and >= 0, got {self.rate_rps!r}")
         for fname in ("input_hist", "output_hist"):
@@ -214,10 +226,15 @@ class Workload:
 
     @classmethod
     def from_arrays(cls, arrival_s, input_tokens, output_tokens,
-                    edges: tuple[float, ...] = DEFAULT_INPUT_EDGES + (math.inf,)) -> Workload:
-        """Build a workload from per-request arrays (e.g. a trace): rate = n / span, histograms
-        on ``edges``, per-bucket input means and output means (a joint refinement of the
-        marginals). Arrays: arrival times (s), prompt tokens, generated tokens, same length."""
+                    edges: tuple[float, ...] = DEFAULT_INPUT_EDGES + (math.inf,),
+                    output_edges: tuple[float, ...] = DEFAULT_OUTPUT_EDGES + (math.inf,)) -> Workload:
+        """Build a workload from per-request arrays (e.g. a trace): rate = n / span, the input
+        histogram on ``edges`` with per-bucket input and output means (a joint refinement of the
+        marginals), the output histogram on ``output_edges`` and ``arrival_cv`` (see the class
+        docstring). Arrays: arrival times (s), prompt tokens, generated tokens, same length.
+
+        Raises:
+            PlannerInputError: fewer than 2 requests or arrays of different lengths."""
         import numpy as np
 
         a = np.asarray(arrival_s, dtype=float)
@@ -239,11 +256,18 @@ class Workload:
             ih.append((float(e[b]), float(cnt)))
             imeans.append(float(i[m].mean()))
             omeans.append(float(o[m].mean()))
-        oidx = np.minimum(np.searchsorted(e, o, side="right"), len(e) - 1)
-        oh = [(float(e[b]), float((oidx == b).sum())) for b in range(len(e)) if (oidx == b).any()]
+        oe = np.asarray(output_edges, dtype=float)
+        oidx = np.minimum(np.searchsorted(oe, o, side="right"), len(oe) - 1)
+        oh = [(float(oe[b]), float((oidx == b).sum())) for b in range(len(oe)) if (oidx == b).any()]
+        gaps = np.diff(np.sort(a))
+        cv = None
+        if len(gaps) >= 10 and gaps.mean() > 0:
+            g = np.minimum(gaps, np.quantile(gaps, 0.99))
+            cv = float(g.std() / g.mean()) if g.mean() > 0 else None
         return cls(rate_rps=rate, input_hist=tuple(ih), output_hist=tuple(oh),
                    input_means=tuple(imeans), output_mean_by_input=tuple(omeans),
-                   output_mean=float(o.mean()), input_mean=float(i.mean()))
+                   output_mean=float(o.mean()), input_mean=float(i.mean()),
+                   arrival_cv=cv if cv and cv > 0 else None)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (``inf`` edges become the string ``"+Inf"``)."""
@@ -389,6 +413,22 @@ class PlannerConfig:
             outer loop uses it to correct the queueing approximation per GPU type).
         model_capacity_scale: per-model multiplier of the modelled capacity (``{"ns/name":
             factor}``): the outer loop's per-model headroom for bursty or heavy-tailed traffic.
+        capacity_model: ``"analytic"`` (queueing approximation only, fast; the default for the
+            operator's reconcile) or ``"simulated"`` (per-replica capacities calibrated by
+            bisection on the rate in the discrete-event simulator, :mod:`.calibrate`; cached).
+        calib_requests: requests per calibration simulation (resampled from the bucket).
+        calib_max_sims: simulations per (variant, bucket) calibration (bounds its time).
+        calib_rel_tol: relative width at which the rate bisection stops.
+        calib_seed: seed of the calibration samples (common random numbers across rates).
+        verify: after CP-SAT, score the plan in the simulator and repair per-model headroom
+            until every model meets its attainment target (:mod:`.repair`); off by default.
+        verify_max_iters: at most this many plan + simulate rounds in verify-and-repair.
+        verify_trim: also try *lowering* the headroom of models that meet their target (finds
+            the cheapest passing per-model capacity scale by bisection).
+        verify_margin: attainment margin over the SLO's attainment target the repair aims for
+            (guards against sampling noise of the trace).
+        verify_requests: requests per model in the synthetic verification trace when no trace
+            is given (built from the workload histograms).
     """
 
     inner_time_limit_s: float = 10.0
@@ -410,8 +450,25 @@ class PlannerConfig:
     gpu_memory_utilization: float | None = None
     capacity_scale: dict[str, float] = field(default_factory=dict)
     model_capacity_scale: dict[str, float] = field(default_factory=dict)
+    capacity_model: str = "analytic"
+    calib_requests: int = 600
+    calib_max_sims: int = 12
+    calib_rel_tol: float = 0.05
+    calib_seed: int = 0
+    verify: bool = False
+    verify_max_iters: int = 6
+    verify_trim: bool = True
+    verify_margin: float = 0.0
+    verify_requests: int = 4000
 
     def __post_init__(self) -> None:
+        if self.capacity_model not in ("analytic", "simulated"):
+            raise PlannerInputError(f"PlannerConfig.capacity_model must be 'analytic' or 'simulated', "
+                                    f"got {self.capacity_model!r}")
+        if self.calib_requests < 50 or self.calib_max_sims < 3:
+            raise PlannerInputError("PlannerConfig.calib_requests must be >= 50 and calib_max_sims >= 3")
+        if self.verify_max_iters < 1:
+            raise PlannerInputError("PlannerConfig.verify_max_iters must be >= 1")
         if not (-0.5 < self.headroom < 0.95):
             raise PlannerInputError(f"PlannerConfig.headroom must be in (-0.5, 0.95), got {self.headroom}")
         if self.share_steps < 1:
