@@ -71,11 +71,15 @@ def test_crds_directory_matches_freshly_generated_output() -> None:
 
 def test_generated_files_have_header_and_one_crd_each(tmp_path: Path) -> None:
     written = write(tmp_path)
-    assert sorted(p.name for p in written) == [
+    crd_files = [
         "archipelago.dev_gpupools.yaml",
         "archipelago.dev_modeldeployments.yaml",
         "archipelago.dev_servingslos.yaml",
     ]
+    assert sorted(p.name for p in written) == [*crd_files, "kustomization.yaml"]
+    kustomization = yaml.safe_load((tmp_path / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Kustomization" and kustomization["resources"] == crd_files
+    written = [p for p in written if p.name != "kustomization.yaml"]
     for p in written:
         text = p.read_text()
         assert text.startswith(HEADER) and "do not edit" in text.splitlines()[1]

@@ -1,0 +1,447 @@
+"""When to re-plan, and running the planner off kopf's event loop.
+
+:class:`PlanningService` owns the fleet-wide plan (one plan covers every ModelDeployment, since
+models compete for the same GPUs). Reconcile handlers (sync kopf handlers, i.e. in kopf's thread
+pool, never on the event loop) call :meth:`PlanningService.ensure_plan` with a fresh snapshot; the
+service decides whether the current plan still stands:
+
+* **spec** change (any model's or SLO's spec, the set of models) -> re-plan now;
+* **nodes** change (pool membership, cordon/NotReady, allocatable GPUs, GPUs used by others) ->
+  re-plan now;
+* **load** change (a model's request rate moved by more than ``load_hysteresis``) -> re-plan only
+  once ``cooldown_s`` has passed since the last plan (no flapping);
+* otherwise the last plan is reused.
+
+The planner itself (``archipelago.decide.planner``) receives the previous plan for its own
+hysteresis (keep the current islands unless the new plan is cheaper by its margin). The slow BO
+outer loop, when enabled, runs in a background thread after each fast plan; its result is adopted
+when it is cheaper by ``bo_margin`` and its inputs are still current. A lock serialises planner
+runs; concurrent callers wait and share the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from archipelago.controller.settings import PLANS_TOTAL, SOLVE_SECONDS, OperatorConfig, get_logger
+from archipelago.decide.planner.types import (
+    CurrentPlacement,
+    EngineSettings,
+    FleetSnapshot,
+    Infeasibility,
+    IslandPlan,
+    ModelPlan,
+    ModelRequest,
+    Plan,
+    PlannerConfig,
+    PodAssignment,
+    RangeShare,
+    SolveStats,
+)
+
+log = get_logger("archipelago.planning")
+
+PlanFn = Callable[..., Plan]
+
+
+def _call_planner(fn: PlanFn, **kw: Any) -> Plan:
+    """Call a planner entry point with the keyword arguments it accepts (fleet, models, current,
+    config, previous); positional fallbacks for ``fleet`` and ``models``."""
+    sig = inspect.signature(fn)
+    params = sig.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(**kw)
+    aliases = {"models": ("models", "requests", "model_requests"), "fleet": ("fleet", "snapshot"),
+               "current": ("current", "placement", "current_placement"), "config": ("config", "cfg"),
+               "previous": ("previous", "previous_plan", "prev")}
+    call: dict[str, Any] = {}
+    for key, names in aliases.items():
+        for n in names:
+            if n in params:
+                call[n] = kw[key]
+                break
+    return fn(**call)
+
+
+def default_plan_fn() -> PlanFn:
+    """The planner's fast inner-loop entry point, ``archipelago.decide.planner.plan``.
+
+    Raises:
+        ImportError: when the planner package does not export ``plan``.
+    """
+    from archipelago.decide import planner
+
+    fn = getattr(planner, "plan", None)
+    if fn is None:
+        try:
+            from archipelago.decide.planner.planner import plan as fn
+        except ImportError as e:
+            raise ImportError("archipelago.decide.planner does not export plan(); the operator cannot plan") from e
+    return fn
+
+
+#: Infeasibility constraints that no amount of GPUs fixes (the spec must change).
+SPEC_CONSTRAINTS = ("ttft-slo", "tpot-slo", "memory")
+
+
+def unattainable_models(plan: Plan, models: Sequence[ModelRequest]) -> set[str]:
+    """Keys of models whose SLO cannot be met whatever the fleet: a ``ttft-slo`` / ``tpot-slo`` /
+    ``memory`` note leaves less than the SLO's attainment target (``slo.attainment``, default 1) served."""
+    target = {m.key: float(getattr(m.slo, "attainment", 1.0)) for m in models}
+    out = set()
+    for i in plan.infeasibilities:
+        if i.constraint in SPEC_CONSTRAINTS and i.model in target and i.served_fraction < target[i.model] - 1e-9:
+            out.add(i.model)
+    return out
+
+
+def _model_fp(m: ModelRequest) -> tuple:
+    return (spec_fingerprint([m]), round(m.workload.rate_rps, 6))
+
+
+def restrict_plan(plan: Plan, keys: set[str], extra_notes: tuple = ()) -> Plan:
+    """``plan`` limited to the models ``keys`` (islands, pod assignments, notes), plus ``extra_notes``."""
+    models = tuple(mp for mp in plan.models if mp.model in keys)
+    iids = {i.id for mp in models for i in mp.islands}
+    return replace(plan, models=models, assignments=tuple(a for a in plan.assignments if a.island in iids),
+                   infeasibilities=tuple(i for i in plan.infeasibilities if i.model in keys) + tuple(extra_notes),
+                   cost_per_hour=sum(mp.cost_per_hour for mp in models), power_w=sum(mp.power_w for mp in models))
+
+
+def inputs_digest(spec_fp: tuple, fleet_fp: tuple, loads: dict[str, float]) -> str:
+    """16-hex SHA-256 of a planner run's inputs (specs, fleet, request rates rounded to 1e-6 req/s)."""
+    blob = json.dumps([repr(spec_fp), repr(fleet_fp), sorted((k, round(float(v), 6)) for k, v in loads.items())])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def model_slice(plan: Plan, key: str) -> dict[str, Any]:
+    """The part of ``plan`` for model ``key`` as JSON-able data (islands, routing, assignments, notes)."""
+    mp = plan.model(key)
+    notes = [_jsonable(asdict(i)) for i in plan.infeasibilities if i.model == key]
+    if mp is None:
+        return {"model": None, "assignments": [], "infeasibilities": notes}
+    iids = {i.id for i in mp.islands}
+    return {
+        "model": _jsonable(asdict(mp)),
+        "assignments": [asdict(a) for a in plan.assignments if a.island in iids],
+        "infeasibilities": notes,
+    }
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, float) and math.isinf(o):
+        return "+Inf" if o > 0 else "-Inf"
+    if isinstance(o, dict):
+        return {k: _jsonable(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_jsonable(v) for v in o]
+    return o
+
+
+def _f(x: Any) -> float:
+    if x == "+Inf":
+        return math.inf
+    if x == "-Inf":
+        return -math.inf
+    return x if isinstance(x, int | float) else float(x)  # keep ints as ints: plan ids hash the JSON
+
+
+def plan_from_slices(slices: Sequence[dict[str, Any]]) -> Plan:
+    """Rebuild a fleet ``Plan`` from :func:`model_slice` parts (e.g. after an operator restart).
+
+    Raises:
+        KeyError / TypeError / ValueError: a slice that is not in the :func:`model_slice` shape.
+    """
+    models, assigns, notes = [], [], []
+    for sl in slices:
+        m = sl.get("model")
+        if m is not None:
+            islands = tuple(IslandPlan(
+                id=i["id"], model=i["model"], pool=i["pool"], gpu=i["gpu"], tp=int(i["tp"]), replicas=int(i["replicas"]),
+                role=i["role"], ranges=tuple(RangeShare(_f(r["lo"]), _f(r["hi"]), float(r["share"]), float(r["rate_rps"]))
+                                             for r in i["ranges"]),
+                input_range=(_f(i["input_range"][0]), _f(i["input_range"][1])), traffic_share=float(i["traffic_share"]),
+                engine=EngineSettings(**i["engine"]), cost_per_hour=float(i["cost_per_hour"]),
+                power_w=float(i["power_w"]), utilization=float(i["utilization"]),
+                ttft_p99_s=_f(i["ttft_p99_s"]), tpot_p99_s=_f(i["tpot_p99_s"])) for i in m["islands"])
+            routing = tuple((_f(lo), _f(hi), dict(w)) for lo, hi, w in m["routing"])
+            models.append(ModelPlan(model=m["model"], islands=islands, routing=routing,
+                                    served_fraction=float(m["served_fraction"]), cost_per_hour=float(m["cost_per_hour"]),
+                                    power_w=float(m["power_w"]), ttft_p99_s=_f(m["ttft_p99_s"]),
+                                    tpot_p99_s=_f(m["tpot_p99_s"]), attainment=m.get("attainment")))
+        assigns += [PodAssignment(**a) for a in sl.get("assignments", [])]
+        notes += [Infeasibility(**{**i, "served_fraction": _f(i.get("served_fraction", 1.0))})
+                  for i in sl.get("infeasibilities", [])]
+    return Plan(models=tuple(models), assignments=tuple(assigns), cost_per_hour=sum(m.cost_per_hour for m in models),
+                power_w=sum(m.power_w for m in models), infeasibilities=tuple(notes),
+                stats=SolveStats(method="restored"))
+
+
+def spec_fingerprint(models: Sequence[ModelRequest]) -> tuple:
+    """Identity of everything but the load: per model key, model, SLO, bounds, pools, TP, priority, engine."""
+    out = []
+    for m in sorted(models, key=lambda m: m.key):
+        out.append((m.key, m.model_name, repr(m.slo), m.engine, m.min_replicas, m.max_replicas, m.allowed_pools,
+                    m.allowed_tp, m.priority, m.disaggregation, m.preference, m.max_cost_per_hour, m.max_power_w,
+                    repr(m.limits)))
+    return tuple(out)
+
+
+@dataclass
+class PlanOutcome:
+    """Result of :meth:`PlanningService.ensure_plan`.
+
+    Attributes:
+        plan: the plan to run (None when none could be made yet).
+        replanned: True when the planner ran for this call (else the last plan was reused).
+        trigger: ``initial``, ``spec``, ``nodes``, ``load``, ``bo`` or ``none``.
+        error: planner failure message (the last good plan is kept), or None.
+        planned_at: wall-clock time (``time.time()``) the plan was computed.
+        solve_s: planner wall time of the last run, seconds.
+        plan_trigger: the trigger that produced the plan in force (differs from ``trigger`` when reused).
+        digest: :func:`inputs_digest` of the inputs the plan in force was computed from.
+    """
+
+    plan: Plan | None
+    replanned: bool
+    trigger: str
+    error: str | None = None
+    planned_at: float = 0.0
+    solve_s: float = 0.0
+    plan_trigger: str = "none"
+    digest: str = ""
+
+
+@dataclass
+class _State:
+    plan: Plan | None = None
+    spec_fp: tuple = ()
+    fleet_fp: tuple = ()
+    loads: dict[str, float] = field(default_factory=dict)
+    mono: float = -1e18
+    wall: float = 0.0
+    solve_s: float = 0.0
+    trigger: str = "none"
+    error: str | None = None
+    bo_candidate: Plan | None = None
+    bo_inputs: tuple = ()
+    model_fps: dict[str, tuple] = field(default_factory=dict)
+    digest: str = ""
+    workloads: dict[str, Any] = field(default_factory=dict)
+
+
+class PlanningService:
+    """Fleet-wide plan with triggers, hysteresis and cooldown (thread-safe).
+
+    Args:
+        cfg: operator configuration (cooldown, hysteresis, time limits, BO).
+        plan_fn: fast planner entry point; default :func:`default_plan_fn` (resolved lazily).
+        bo_fn: BO outer loop entry point, or None to disable.
+        clock: monotonic clock (seconds), injectable for tests.
+    """
+
+    def __init__(self, cfg: OperatorConfig, plan_fn: PlanFn | None = None, bo_fn: PlanFn | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.cfg = cfg
+        self._plan_fn = plan_fn
+        self._bo_fn = bo_fn
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._s = _State()
+        self._bo_thread: threading.Thread | None = None
+
+    # -- introspection ------------------------------------------------------------------------
+    def planned_workload(self, key: str) -> Any:
+        """The ``Workload`` model ``key`` had when the plan in force was computed (None if unknown).
+
+        Used while Prometheus is unreachable: the load is frozen at what the plan was made for, so an
+        outage never triggers a load re-plan."""
+        with self._lock:
+            return self._s.workloads.get(key)
+
+    @property
+    def last_plan(self) -> Plan | None:
+        """The plan currently in force (None before the first successful plan)."""
+        return self._s.plan
+
+    def planner_config(self) -> PlannerConfig:
+        """The ``PlannerConfig`` for the fast loop (time limits from the operator configuration)."""
+        t = self.cfg.plan_time_limit_s
+        return PlannerConfig(inner_time_limit_s=t, packing_time_limit_s=max(1.0, t / 2))
+
+    def decide_trigger(self, spec_fp: tuple, fleet_fp: tuple, loads: dict[str, float]) -> str:
+        """Which trigger (if any) calls for a re-plan: ``initial``, ``spec``, ``nodes``, ``load``, ``retry``
+        (the last run failed and the cooldown has passed) or ``none``."""
+        s = self._s
+        if s.plan is None:
+            return "initial"
+        if spec_fp != s.spec_fp:
+            return "spec"
+        if fleet_fp != s.fleet_fp:
+            return "nodes"
+        if self._clock() - s.mono >= self.cfg.cooldown_s:
+            if s.error is not None:
+                return "retry"
+            for key, rate in loads.items():
+                old = s.loads.get(key)
+                if old is None:
+                    return "load"
+                base = max(abs(old), 1e-6)
+                if abs(rate - old) / base > self.cfg.load_hysteresis:
+                    return "load"
+        return "none"
+
+    # -- main entry -----------------------------------------------------------------------------
+    def ensure_plan(self, fleet: FleetSnapshot, fleet_fp: tuple, models: Sequence[ModelRequest],
+                    current: CurrentPlacement, force: bool = False,
+                    fleet_for: Callable[[set[str]], FleetSnapshot] | None = None,
+                    restore: Callable[[], dict[str, tuple[str, dict[str, Any]]]] | None = None) -> PlanOutcome:
+        """Return the plan in force, re-planning first when a trigger fires (see module doc).
+
+        Models whose SLO the planner finds unattainable (:func:`unattainable_models`) are planned out:
+        a second pass plans the others alone, on ``fleet_for(kept model keys)`` (the fleet with the
+        held models' pods counted as other workloads); the held models keep only their
+        infeasibility notes, so the controller leaves their existing Deployments as they are.
+
+        Never raises for planner failures: the error is returned in :attr:`PlanOutcome.error` and the
+        last good plan stays in force.
+
+        ``restore`` (used once, when no plan is in force yet, e.g. after an operator restart) returns
+        ``{model key: (inputs digest, model_slice)}`` persisted by the previous process; when every
+        requested model has a slice with the current inputs' digest, that plan is adopted as it was
+        (trigger ``restored``) instead of solving again -- same inputs, same decision.
+        """
+        spec_fp = spec_fingerprint(models)
+        loads = {m.key: m.workload.rate_rps for m in models}
+        with self._lock:
+            s = self._s
+            trigger = "spec" if force and s.plan is not None else self.decide_trigger(spec_fp, fleet_fp, loads)
+            digest = inputs_digest(spec_fp, fleet_fp, loads)
+            if s.plan is None and restore is not None and models:
+                restored = self._restore(restore, models, digest)
+                if restored is not None:
+                    s.plan, s.spec_fp, s.fleet_fp, s.loads, s.digest = restored, spec_fp, fleet_fp, loads, digest
+                    s.mono, s.wall, s.solve_s, s.trigger, s.error = self._clock(), time.time(), 0.0, "restored", None
+                    held = {i.model for i in restored.infeasibilities} - {mp.model for mp in restored.models}
+                    s.model_fps = {m.key: _model_fp(m) for m in models if m.key not in held}
+                    s.workloads = {m.key: m.workload for m in models}
+                    log.info("restored the plan in force from the ModelDeployments", digest=digest)
+                    return PlanOutcome(restored, True, "restored", None, s.wall, 0.0, "restored", digest)
+            if trigger == "none" and s.bo_candidate is not None and s.bo_inputs == (spec_fp, fleet_fp):
+                return self._adopt_bo()
+            if trigger == "none":
+                return PlanOutcome(s.plan, False, "none", s.error, s.wall, s.solve_s, s.trigger, s.digest)
+            if not models:
+                s.plan, s.spec_fp, s.fleet_fp, s.loads = None, spec_fp, fleet_fp, loads
+                s.mono, s.wall, s.error = self._clock(), time.time(), None
+                return PlanOutcome(None, True, trigger)
+            fn = self._plan_fn or default_plan_fn()
+            t0 = time.perf_counter()
+            try:
+                plan = _call_planner(fn, fleet=fleet, models=list(models), current=current,
+                                     config=self.planner_config(), previous=s.plan)
+                held = unattainable_models(plan, models)
+                keep = [m for m in models if m.key not in held]
+                notes = tuple(i for i in plan.infeasibilities if i.model in held)
+                if held and keep and trigger == "spec" and s.plan is not None and all(
+                        s.model_fps.get(m.key) == _model_fp(m) for m in keep):
+                    # only held models changed: the plan in force still holds for the others, untouched
+                    plan = restrict_plan(s.plan, {m.key for m in keep}, notes)
+                elif held and keep:
+                    # plan the others without the models whose SLO cannot be met at all, so that those
+                    # neither take GPUs nor perturb the rest; their running pods count as others' usage
+                    fleet2 = fleet_for({m.key for m in keep}) if fleet_for is not None else fleet
+                    plan2 = _call_planner(fn, fleet=fleet2, models=keep, current=current,
+                                          config=self.planner_config(), previous=s.plan)
+                    plan = replace(plan2, infeasibilities=plan2.infeasibilities + notes)
+                elif held:
+                    plan = replace(plan, models=(), assignments=(), cost_per_hour=0.0, power_w=0.0,
+                                   infeasibilities=notes)
+            except Exception as e:  # noqa: BLE001 - any planner failure keeps the last good plan
+                dt = time.perf_counter() - t0
+                SOLVE_SECONDS.labels("fast").observe(dt)
+                PLANS_TOTAL.labels(trigger, "error").inc()
+                s.error = f"{type(e).__name__}: {e}"
+                # do not retry the same inputs on every tick: remember them, retry after the cooldown
+                s.spec_fp, s.fleet_fp, s.loads, s.mono = spec_fp, fleet_fp, loads, self._clock()
+                log.error("planner failed", trigger=trigger, error=s.error)
+                return PlanOutcome(s.plan, False, trigger, s.error, s.wall, dt, s.trigger, s.digest)
+            dt = time.perf_counter() - t0
+            SOLVE_SECONDS.labels("fast").observe(dt)
+            PLANS_TOTAL.labels(trigger, "feasible" if plan.feasible else "infeasible").inc()
+            s.plan, s.spec_fp, s.fleet_fp, s.loads = plan, spec_fp, fleet_fp, loads
+            s.mono, s.wall, s.solve_s, s.trigger, s.error = self._clock(), time.time(), dt, trigger, None
+            s.model_fps = {m.key: _model_fp(m) for m in keep}
+            s.digest = digest
+            s.workloads = {m.key: m.workload for m in models}
+            s.bo_candidate = None
+            log.info("planned", trigger=trigger, plan_id=plan.plan_id, cost_per_hour=round(plan.cost_per_hour, 3),
+                     gpus=plan.gpus, feasible=plan.feasible, solve_s=round(dt, 3))
+            self._start_bo(fleet, list(models), current, plan, (spec_fp, fleet_fp))
+            return PlanOutcome(plan, True, trigger, None, s.wall, dt, trigger, digest)
+
+    # -- BO outer loop --------------------------------------------------------------------------
+    def _restore(self, restore: Callable[[], dict[str, tuple[str, dict[str, Any]]]],
+                 models: Sequence[ModelRequest], digest: str) -> Plan | None:
+        try:
+            saved = restore()
+        except Exception as e:  # noqa: BLE001 - a bad annotation only costs a fresh solve
+            log.warning("could not read the persisted plan", error=f"{type(e).__name__}: {e}")
+            return None
+        if any(m.key not in saved or saved[m.key][0] != digest for m in models):
+            return None
+        try:
+            return plan_from_slices([saved[m.key][1] for m in models])
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("persisted plan is malformed; planning afresh", error=f"{type(e).__name__}: {e}")
+            return None
+
+    def _start_bo(self, fleet: FleetSnapshot, models: list[ModelRequest], current: CurrentPlacement,
+                  base: Plan, inputs: tuple) -> None:
+        if not self.cfg.bo_enabled or self._bo_fn is None:
+            return
+        if self._bo_thread is not None and self._bo_thread.is_alive():
+            return  # one at a time; the next fast plan starts another
+
+        def run() -> None:
+            t0 = time.perf_counter()
+            try:
+                cand = _call_planner(self._bo_fn, fleet=fleet, models=models, current=current,
+                                     config=self.planner_config(), previous=base)
+            except Exception as e:  # noqa: BLE001
+                PLANS_TOTAL.labels("bo", "error").inc()
+                log.warning("BO outer loop failed", error=f"{type(e).__name__}: {e}")
+                return
+            finally:
+                SOLVE_SECONDS.labels("bo").observe(time.perf_counter() - t0)
+            PLANS_TOTAL.labels("bo", "feasible" if cand.feasible else "infeasible").inc()
+            with self._lock:
+                if self._s.plan is base and self.better_by_margin(cand, base):
+                    self._s.bo_candidate, self._s.bo_inputs = cand, inputs
+                    log.info("BO plan cheaper by margin; adopting on next reconcile", plan_id=cand.plan_id,
+                             cost_per_hour=cand.cost_per_hour, base_cost_per_hour=base.cost_per_hour)
+
+        self._bo_thread = threading.Thread(target=run, name="archipelago-bo", daemon=True)
+        self._bo_thread.start()
+
+    def better_by_margin(self, cand: Plan, base: Plan) -> bool:
+        """True when ``cand`` is feasible whenever ``base`` is, and cheaper by at least ``bo_margin``."""
+        if base.feasible and not cand.feasible:
+            return False
+        return cand.cost_per_hour <= base.cost_per_hour * (1.0 - self.cfg.bo_margin)
+
+    def _adopt_bo(self) -> PlanOutcome:
+        s = self._s
+        assert s.bo_candidate is not None
+        s.plan, s.bo_candidate = s.bo_candidate, None
+        s.wall, s.trigger = time.time(), "bo"
+        s.digest = inputs_digest(s.spec_fp, s.fleet_fp, s.loads) + "-bo"
+        return PlanOutcome(s.plan, True, "bo", None, s.wall, s.solve_s, "bo", s.digest)

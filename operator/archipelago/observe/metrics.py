@@ -1,0 +1,316 @@
+"""Workload and latency of one model from Prometheus (vLLM and SGLang metric names).
+
+:func:`observe_model` runs a fixed set of PromQL queries over a configurable window through
+``prometheus-api-client`` and returns an :class:`ObservedWorkload`. Rules:
+
+* A missing series means **unknown** (``None``), never zero. A series that exists and shows no
+  traffic is a real zero. ``histogram_quantile`` over no observations (NaN) is unknown too.
+* Prometheus unreachable (connection refused, timeout, HTTP 5xx) raises
+  :class:`PrometheusUnavailable`, which the controller turns into a Warning Event and a condition
+  while it keeps the last good plan. A query Prometheus rejects (HTTP 4xx) raises
+  :class:`MetricsQueryError` (a bug in a query or a selector, not an outage).
+
+Metric names (``shared/reference/FACTS.md``): vLLM v1 ``vllm:request_success_total``,
+``vllm:request_prompt_tokens`` / ``vllm:request_generation_tokens`` (histograms, tokens),
+``vllm:prompt_tokens_total`` / ``vllm:generation_tokens_total``,
+``vllm:time_to_first_token_seconds``, ``vllm:inter_token_latency_seconds`` (older
+``vllm:time_per_output_token_seconds``), ``vllm:kv_cache_usage_perc`` (older
+``vllm:gpu_cache_usage_perc``), ``vllm:num_requests_running`` / ``vllm:num_requests_waiting``.
+SGLang ``sglang:num_requests_total``, ``sglang:prompt_tokens_total``,
+``sglang:generation_tokens_total``, ``sglang:time_to_first_token_seconds``,
+``sglang:inter_token_latency_seconds``, ``sglang:token_usage``, ``sglang:num_running_reqs``,
+``sglang:num_queue_reqs`` (SGLang exports no prompt/generation length histograms).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import requests
+from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
+from urllib3.util.retry import Retry
+
+EngineName = Literal["vllm", "sglang"]
+
+
+class PrometheusUnavailable(RuntimeError):
+    """Prometheus could not be reached (connection error, timeout, HTTP 5xx). Keep the last plan."""
+
+
+class MetricsQueryError(RuntimeError):
+    """Prometheus rejected a query (HTTP 4xx): a bad selector or metric name, not an outage."""
+
+
+@dataclass(frozen=True)
+class EngineMetricNames:
+    """Metric names of one engine. Each entry is a tuple of alternatives tried in order."""
+
+    requests_total: tuple[str, ...]
+    prompt_tokens_total: tuple[str, ...]
+    generation_tokens_total: tuple[str, ...]
+    prompt_len_hist: tuple[str, ...]
+    output_len_hist: tuple[str, ...]
+    ttft_hist: tuple[str, ...]
+    itl_hist: tuple[str, ...]
+    kv_usage: tuple[str, ...]
+    running: tuple[str, ...]
+    waiting: tuple[str, ...]
+
+
+METRIC_NAMES: dict[str, EngineMetricNames] = {
+    "vllm": EngineMetricNames(
+        requests_total=("vllm:request_success_total",),
+        prompt_tokens_total=("vllm:prompt_tokens_total",),
+        generation_tokens_total=("vllm:generation_tokens_total",),
+        prompt_len_hist=("vllm:request_prompt_tokens",),
+        output_len_hist=("vllm:request_generation_tokens",),
+        ttft_hist=("vllm:time_to_first_token_seconds",),
+        itl_hist=("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
+        kv_usage=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+        running=("vllm:num_requests_running",),
+        waiting=("vllm:num_requests_waiting",),
+    ),
+    "sglang": EngineMetricNames(
+        requests_total=("sglang:num_requests_total",),
+        prompt_tokens_total=("sglang:prompt_tokens_total",),
+        generation_tokens_total=("sglang:generation_tokens_total",),
+        prompt_len_hist=(),
+        output_len_hist=(),
+        ttft_hist=("sglang:time_to_first_token_seconds",),
+        itl_hist=("sglang:inter_token_latency_seconds",),
+        kv_usage=("sglang:token_usage",),
+        running=("sglang:num_running_reqs",),
+        waiting=("sglang:num_queue_reqs",),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class HistogramBucket:
+    """One bucket of a length histogram: observations with ``lo < x <= hi`` (tokens), ``count`` of them
+    in the window (may be fractional: Prometheus ``increase`` extrapolates)."""
+
+    lo: float
+    hi: float
+    count: float
+
+
+@dataclass(frozen=True)
+class ObservedWorkload:
+    """What Prometheus says about one model over ``window_s`` seconds. ``None`` means unknown.
+
+    Attributes:
+        engine: ``vllm`` or ``sglang``.
+        window_s: the query window (seconds).
+        request_rate: arrival rate, requests/s: finished requests per second plus the growth of the
+            requests in the system (waiting + running) over the window divided by the window
+            (flow conservation; equals the completion rate in steady state).
+        completion_rate: finished requests per second.
+        prompt_tokens_mean / output_tokens_mean: mean prompt / generated tokens per request.
+        prompt_len_buckets / output_len_buckets: per-bucket request counts of prompt / output lengths.
+        ttft_p_s / itl_p_s: TTFT and inter-token latency at ``quantile`` (seconds).
+        quantile: the latency quantile asked for (e.g. 0.99).
+        kv_cache_usage: mean KV-cache usage over replicas (0-1).
+        running / waiting: requests running / queued, summed over replicas.
+        unknown: names of the figures that are unknown, for the status message.
+    """
+
+    engine: str
+    window_s: float
+    quantile: float
+    request_rate: float | None = None
+    completion_rate: float | None = None
+    prompt_tokens_mean: float | None = None
+    output_tokens_mean: float | None = None
+    prompt_len_buckets: tuple[HistogramBucket, ...] | None = None
+    output_len_buckets: tuple[HistogramBucket, ...] | None = None
+    ttft_p_s: float | None = None
+    itl_p_s: float | None = None
+    kv_cache_usage: float | None = None
+    running: float | None = None
+    waiting: float | None = None
+    unknown: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def has_load(self) -> bool:
+        """True when the figures a planner needs (rate and mean lengths) are all known."""
+        return None not in (self.request_rate, self.prompt_tokens_mean, self.output_tokens_mean)
+
+
+def selector(matchers: Mapping[str, str]) -> str:
+    """PromQL label selector body ``{a="x",b="y"}`` with values escaped; ``""`` when empty."""
+    if not matchers:
+        return ""
+    parts = []
+    for k, v in sorted(matchers.items()):
+        ev = str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        parts.append(f'{k}="{ev}"')
+    return "{" + ",".join(parts) + "}"
+
+
+def _window(window_s: float) -> str:
+    if window_s < 1:
+        raise ValueError(f"window_s: {window_s} must be >= 1 second")
+    return f"{int(round(window_s))}s"
+
+
+def make_client(url: str, timeout_s: float = 5.0) -> PrometheusConnect:
+    """A ``PrometheusConnect`` with a short timeout and one retry, so an outage is noticed in seconds."""
+    retry = Retry(total=1, backoff_factor=0.2, status_forcelist=[502, 503, 504])
+    return PrometheusConnect(url=url, disable_ssl=True, retry=retry, timeout=timeout_s)
+
+
+_M = "\x00METRIC\x00"  # placeholder for the metric name in query templates (selectors contain braces)
+QueryFn = Callable[[str], list[dict[str, Any]]]
+
+
+def _wrap_query(client: Any) -> QueryFn:
+    def q(promql: str) -> list[dict[str, Any]]:
+        try:
+            return client.custom_query(promql)
+        except PrometheusApiClientException as e:
+            msg = str(e)
+            if "HTTP Status Code 4" in msg:
+                raise MetricsQueryError(f"Prometheus rejected query {promql!r}: {msg[:300]}") from e
+            raise PrometheusUnavailable(f"Prometheus at {getattr(client, 'url', '?')} failed: {msg[:300]}") from e
+        except requests.RequestException as e:
+            raise PrometheusUnavailable(
+                f"Prometheus at {getattr(client, 'url', '?')} is unreachable: {type(e).__name__}: {str(e)[:200]}"
+            ) from e
+
+    return q
+
+
+def _scalar(result: list[dict[str, Any]]) -> float | None:
+    """The single value of an aggregated instant query; ``None`` for no series or NaN."""
+    if not result:
+        return None
+    try:
+        v = float(result[0]["value"][1])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    return None if math.isnan(v) or math.isinf(v) else v
+
+
+def _first_known(q: QueryFn, names: tuple[str, ...], template: str) -> float | None:
+    for name in names:
+        v = _scalar(q(template.replace(_M, name)))
+        if v is not None:
+            return v
+    return None
+
+
+def _buckets(result: list[dict[str, Any]]) -> tuple[HistogramBucket, ...] | None:
+    """Cumulative ``le`` counts (one series per ``le``) -> per-bucket counts. ``None`` if no series."""
+    pts: list[tuple[float, float]] = []
+    for s in result:
+        le = s.get("metric", {}).get("le")
+        if le is None:
+            continue
+        try:
+            hi = float(le)
+            c = float(s["value"][1])
+        except (KeyError, IndexError, TypeError, ValueError):
+            continue
+        if math.isnan(c):
+            continue
+        pts.append((hi, c))
+    if not pts:
+        return None
+    pts.sort()
+    out = []
+    lo, prev = 0.0, 0.0
+    for hi, c in pts:
+        out.append(HistogramBucket(lo=lo, hi=hi, count=max(0.0, c - prev)))
+        lo, prev = hi, max(prev, c)
+    return tuple(out)
+
+
+def observe_model(client: Any, engine: str, matchers: Mapping[str, str], window_s: float = 300.0,
+                  quantile: float = 0.99) -> ObservedWorkload:
+    """Query workload and latency of one model.
+
+    Args:
+        client: a ``PrometheusConnect`` (or any object with ``custom_query(str) -> list``).
+        engine: ``vllm`` or ``sglang`` (chooses the metric names).
+        matchers: exact label matchers selecting the model's series, e.g.
+            ``{"namespace": "llm", "archipelago_dev_model": "chat"}`` or ``{"model_name": "..."}``.
+        window_s: rate/increase window in seconds (>= 1).
+        quantile: latency quantile in (0, 1), e.g. 0.99 for p99.
+
+    Raises:
+        PrometheusUnavailable: Prometheus unreachable or failing (5xx).
+        MetricsQueryError: a query was rejected (4xx).
+        ValueError: unknown engine, bad window or quantile.
+    """
+    if engine not in METRIC_NAMES:
+        raise ValueError(f"engine: {engine!r} has no metric names; use vllm or sglang")
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile: {quantile} must be in (0, 1)")
+    names = METRIC_NAMES[engine]
+    sel = selector(matchers)
+    w = _window(window_s)
+    q = _wrap_query(client)
+
+    completion_rate = _first_known(q, names.requests_total, f"sum(rate({_M}{sel}[{w}]))")
+    # arrivals = completions + growth of the requests in the system (flow conservation): under
+    # overload the completion rate alone understates demand, and planning on it never catches up
+    d_wait = _first_known(q, names.waiting, f"sum(delta({_M}{sel}[{w}]))")
+    d_run = _first_known(q, names.running, f"sum(delta({_M}{sel}[{w}]))")
+    rate = completion_rate
+    if rate is not None and d_wait is not None:
+        rate = rate + max(0.0, d_wait + (d_run or 0.0)) / float(window_s)
+    inc_req = _first_known(q, names.requests_total, f"sum(increase({_M}{sel}[{w}]))")
+    inc_prompt = _first_known(q, names.prompt_tokens_total, f"sum(increase({_M}{sel}[{w}]))")
+    inc_gen = _first_known(q, names.generation_tokens_total, f"sum(increase({_M}{sel}[{w}]))")
+
+    def mean(tokens: float | None) -> float | None:
+        if tokens is None or inc_req is None or inc_req <= 0:
+            return None
+        return tokens / inc_req
+
+    def hist(hnames: tuple[str, ...]) -> tuple[HistogramBucket, ...] | None:
+        for name in hnames:
+            b = _buckets(q(f"sum by (le) (increase({name}_bucket{sel}[{w}]))"))
+            if b is not None:
+                return b
+        return None
+
+    def hq(hnames: tuple[str, ...]) -> float | None:
+        return _first_known(
+            q, hnames, f"histogram_quantile({quantile}, sum by (le) (rate({_M}_bucket{sel}[{w}])))"
+        )
+
+    obs: dict[str, Any] = {
+        "request_rate": rate,
+        "completion_rate": completion_rate,
+        "prompt_tokens_mean": mean(inc_prompt),
+        "output_tokens_mean": mean(inc_gen),
+        "prompt_len_buckets": hist(names.prompt_len_hist),
+        "output_len_buckets": hist(names.output_len_hist),
+        "ttft_p_s": hq(names.ttft_hist),
+        "itl_p_s": hq(names.itl_hist),
+        "kv_cache_usage": _first_known(q, names.kv_usage, f"avg({_M}{sel})"),
+        "running": _first_known(q, names.running, f"sum({_M}{sel})"),
+        "waiting": _first_known(q, names.waiting, f"sum({_M}{sel})"),
+    }
+    unknown = tuple(k for k, v in obs.items() if v is None)
+    return ObservedWorkload(engine=engine, window_s=float(window_s), quantile=quantile, unknown=unknown, **obs)
+
+
+def bucket_mean(buckets: tuple[HistogramBucket, ...]) -> float | None:
+    """Mean of a length histogram using bucket midpoints (the ``+Inf`` bucket counts at its lower edge).
+
+    Returns None when the histogram holds no observations.
+    """
+    total = sum(b.count for b in buckets)
+    if total <= 0:
+        return None
+    s = 0.0
+    for b in buckets:
+        mid = b.lo if math.isinf(b.hi) else (b.lo + b.hi) / 2.0
+        s += mid * b.count
+    return s / total

@@ -1,0 +1,293 @@
+"""When the operator re-plans: spec and node changes at once, load changes with hysteresis and a
+cooldown, planner failures keep the last good plan, BO results adopted only when better by a margin."""
+
+from __future__ import annotations
+
+import inspect
+
+from archipelago.controller.planning import PlanningService, _call_planner, spec_fingerprint
+from archipelago.controller.settings import OperatorConfig, configure_logging
+from archipelago.decide.planner.types import (
+    CurrentPlacement,
+    FleetSnapshot,
+    ModelRequest,
+    NodeSnapshot,
+    Plan,
+    PoolSnapshot,
+    Workload,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class CountingPlanner:
+    """Fake planner (collaborator): records calls, returns a Plan whose cost is the total request rate."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+        self.fail = False
+
+    def __call__(self, fleet, models, current, config, previous):
+        self.calls.append({"fleet": fleet, "models": models, "previous": previous, "config": config})
+        if self.fail:
+            raise RuntimeError("solver exploded")
+        cost = sum(m.workload.rate_rps for m in models)
+        return Plan(models=(), assignments=(), cost_per_hour=cost, power_w=0.0)
+
+
+def fleet(free: int = 8) -> FleetSnapshot:
+    return FleetSnapshot((PoolSnapshot("h100", "H100-SXM", 3.99, (NodeSnapshot("n1", 8, free),)),))
+
+
+def req(rate: float, tp=(1, 2)) -> ModelRequest:
+    return ModelRequest(key="llm/chat", model="m", slo="slo", workload=Workload(rate, input_mean=1000, output_mean=200),
+                        allowed_tp=tp)
+
+
+def svc(**kw):
+    p, c = CountingPlanner(), Clock()
+    cfg = OperatorConfig(cooldown_s=60, load_hysteresis=0.2, **kw)
+    return PlanningService(cfg, plan_fn=p, clock=c), p, c
+
+
+def fp(f: FleetSnapshot) -> tuple:
+    return tuple((p.name, tuple((n.name, n.schedulable, n.gpus_free) for n in p.nodes)) for p in f.pools)
+
+
+def test_initial_then_reuse() -> None:
+    s, p, _ = svc()
+    o1 = s.ensure_plan(fleet(), fp(fleet()), [req(5)], CurrentPlacement())
+    assert o1.replanned and o1.trigger == "initial" and len(p.calls) == 1
+    o2 = s.ensure_plan(fleet(), fp(fleet()), [req(5)], CurrentPlacement())
+    assert not o2.replanned and o2.plan is o1.plan and o2.plan_trigger == "initial" and len(p.calls) == 1
+    assert p.calls[0]["previous"] is None
+
+
+def test_spec_and_node_changes_replan_immediately() -> None:
+    s, p, _ = svc()
+    s.ensure_plan(fleet(), fp(fleet()), [req(5)], CurrentPlacement())
+    o = s.ensure_plan(fleet(), fp(fleet()), [req(5, tp=(1,))], CurrentPlacement())
+    assert o.trigger == "spec" and len(p.calls) == 2
+    assert p.calls[1]["previous"] is not None  # the planner gets the plan in force for its own hysteresis
+    f2 = fleet(free=4)
+    o = s.ensure_plan(f2, fp(f2), [req(5, tp=(1,))], CurrentPlacement())
+    assert o.trigger == "nodes" and len(p.calls) == 3
+
+
+def test_load_change_needs_hysteresis_and_cooldown() -> None:
+    s, p, c = svc()
+    s.ensure_plan(fleet(), fp(fleet()), [req(5)], CurrentPlacement())
+    c.t += 10
+    assert not s.ensure_plan(fleet(), fp(fleet()), [req(50)], CurrentPlacement()).replanned  # cooldown
+    c.t += 60
+    assert not s.ensure_plan(fleet(), fp(fleet()), [req(5.5)], CurrentPlacement()).replanned  # within 20 %
+    o = s.ensure_plan(fleet(), fp(fleet()), [req(7)], CurrentPlacement())
+    assert o.replanned and o.trigger == "load" and len(p.calls) == 2
+
+
+def test_planner_failure_keeps_last_good_plan_and_backs_off() -> None:
+    configure_logging("CRITICAL")
+    s, p, c = svc()
+    good = s.ensure_plan(fleet(), fp(fleet()), [req(5)], CurrentPlacement()).plan
+    p.fail = True
+    o = s.ensure_plan(fleet(), fp(fleet()), [req(5, tp=(1,))], CurrentPlacement())
+    assert o.plan is good and o.error and "solver exploded" in o.error and not o.replanned
+    n = len(p.calls)
+    o = s.ensure_plan(fleet(), fp(fleet()), [req(5, tp=(1,))], CurrentPlacement())
+    assert len(p.calls) == n and o.plan is good  # same inputs are not retried on every tick
+    c.t += 61
+    assert s.ensure_plan(fleet(), fp(fleet()), [req(5, tp=(1,))], CurrentPlacement()).trigger == "retry"
+    assert len(p.calls) == n + 1
+    p.fail = False
+    f2 = fleet(free=6)
+    o = s.ensure_plan(f2, fp(f2), [req(5, tp=(1,))], CurrentPlacement())
+    assert o.replanned and o.error is None
+
+
+def test_bo_margin() -> None:
+    s, _, _ = svc(bo_margin=0.1)
+    base = Plan(models=(), assignments=(), cost_per_hour=100.0, power_w=0)
+    assert s.better_by_margin(Plan(models=(), assignments=(), cost_per_hour=89.0, power_w=0), base)
+    assert not s.better_by_margin(Plan(models=(), assignments=(), cost_per_hour=95.0, power_w=0), base)
+
+
+def test_bo_result_adopted_in_background() -> None:
+    p = CountingPlanner()
+
+    def bo(fleet, models, current, config, previous):
+        return Plan(models=(), assignments=(), cost_per_hour=previous.cost_per_hour * 0.5, power_w=0)
+
+    s = PlanningService(OperatorConfig(bo_enabled=True, bo_margin=0.05), plan_fn=p, bo_fn=bo)
+    first = s.ensure_plan(fleet(), fp(fleet()), [req(10)], CurrentPlacement()).plan
+    s._bo_thread.join(5)
+    o = s.ensure_plan(fleet(), fp(fleet()), [req(10)], CurrentPlacement())
+    assert o.trigger == "bo" and o.plan.cost_per_hour == first.cost_per_hour * 0.5
+
+
+def test_call_planner_adapts_to_signature() -> None:
+    seen = {}
+
+    def plan(snapshot, requests, *, placement=None):
+        seen.update(snapshot=snapshot, requests=requests, placement=placement)
+        return "ok"
+
+    assert _call_planner(plan, fleet=1, models=2, current=3, config=4, previous=5) == "ok"
+    assert seen == {"snapshot": 1, "requests": 2, "placement": 3}
+    assert "previous" in inspect.signature(CountingPlanner.__call__).parameters
+
+
+def test_spec_fingerprint_ignores_load() -> None:
+    assert spec_fingerprint([req(1)]) == spec_fingerprint([req(100)])
+    assert spec_fingerprint([req(1)]) != spec_fingerprint([req(1, tp=(1,))])
+
+
+def test_unattainable_models_are_planned_out() -> None:
+    from archipelago.controller.planning import unattainable_models
+    from archipelago.decide.planner.types import Infeasibility
+    from archipelago.decide.sim import SLOTarget
+
+    slo = SLOTarget(ttft_s=1.0, tpot_s=0.1, attainment=0.9)
+    a = ModelRequest(key="llm/a", model="m", slo=slo, workload=Workload(1, input_mean=10, output_mean=10))
+    b = ModelRequest(key="llm/b", model="m", slo=slo, workload=Workload(1, input_mean=10, output_mean=10))
+    plan = Plan(models=(), assignments=(), cost_per_hour=0, power_w=0, infeasibilities=(
+        Infeasibility("llm/a", "ttft-slo", "d", "s", served_fraction=0.5),
+        Infeasibility("llm/b", "ttft-slo", "d", "s", served_fraction=0.95),  # within the 10 % allowance
+        Infeasibility("llm/b", "pool-capacity", "d", "s", served_fraction=0.1)))  # more GPUs would fix it
+    assert unattainable_models(plan, [a, b]) == {"llm/a"}
+
+    calls = []
+
+    def planner(fleet, models, current, config, previous):
+        calls.append([m.key for m in models])
+        notes = (Infeasibility("llm/a", "ttft-slo", "d", "s", 0.0),) if any(m.key == "llm/a" for m in models) else ()
+        return Plan(models=(), assignments=(), cost_per_hour=len(models), power_w=0, infeasibilities=notes)
+
+    seen_keys = []
+    s = PlanningService(OperatorConfig(), plan_fn=planner)
+    out = s.ensure_plan(fleet(), fp(fleet()), [a, b], CurrentPlacement(),
+                        fleet_for=lambda keys: seen_keys.append(keys) or fleet())
+    assert calls == [["llm/a", "llm/b"], ["llm/b"]] and seen_keys == [{"llm/b"}]
+    assert out.plan.cost_per_hour == 1 and [i.model for i in out.plan.infeasibilities] == ["llm/a"]
+
+
+def test_model_becoming_unattainable_leaves_the_others_plan_untouched() -> None:
+    from archipelago.decide.planner.types import (
+        EngineSettings,
+        Infeasibility,
+        IslandPlan,
+        ModelPlan,
+        PodAssignment,
+    )
+    from archipelago.decide.sim import SLOTarget
+
+    ok, bad = SLOTarget(ttft_s=1.0, tpot_s=0.1), SLOTarget(ttft_s=1e-4, tpot_s=1e-5)
+
+    def mk(key, slo):
+        return ModelRequest(key=key, model="m", slo=slo, workload=Workload(1, input_mean=10, output_mean=10))
+
+    def island(key):
+        return IslandPlan(id=f"{key}/h100/tp1", model=key, pool="h100", gpu="H100-SXM", tp=1, replicas=1, role="mixed",
+                          ranges=(), input_range=(0, 1), traffic_share=1, engine=EngineSettings(8, 0.9, None, 512),
+                          cost_per_hour=1, power_w=1,
+                          utilization=0.5, ttft_p99_s=0.1, tpot_p99_s=0.01)
+
+    calls = []
+
+    def planner(fleet, models, current, config, previous):
+        calls.append(sorted(m.key for m in models))
+        mps = tuple(ModelPlan(m.key, (island(m.key),), (), 1.0, 1.0, 1.0, 0.1, 0.01) for m in models)
+        notes = tuple(Infeasibility(m.key, "ttft-slo", "d", "s", 0.0) for m in models if m.slo is bad)
+        return Plan(models=mps, assignments=tuple(PodAssignment(f"{m.key}/h100/tp1", "p0", "n1", 1) for m in models),
+                    cost_per_hour=len(models), power_w=0, infeasibilities=notes)
+
+    s = PlanningService(OperatorConfig(), plan_fn=planner)
+    first = s.ensure_plan(fleet(), fp(fleet()), [mk("llm/a", ok), mk("llm/b", ok)], CurrentPlacement()).plan
+    out = s.ensure_plan(fleet(), fp(fleet()), [mk("llm/a", bad), mk("llm/b", ok)], CurrentPlacement(),
+                        fleet_for=lambda keys: fleet())
+    assert calls == [["llm/a", "llm/b"], ["llm/a", "llm/b"]]  # one detection pass, no re-plan of b
+    assert out.plan.model("llm/b") == first.model("llm/b") and out.plan.model("llm/a") is None
+    assert [a.island for a in out.plan.assignments] == ["llm/b/h100/tp1"]
+    assert [i.model for i in out.plan.infeasibilities] == ["llm/a"]
+
+
+def test_restart_restores_the_plan_when_inputs_are_unchanged() -> None:
+    import json
+    import math
+
+    from archipelago.controller.planning import inputs_digest, model_slice, plan_from_slices, spec_fingerprint
+    from archipelago.decide.planner.types import (
+        EngineSettings,
+        Infeasibility,
+        IslandPlan,
+        ModelPlan,
+        PodAssignment,
+        RangeShare,
+    )
+
+    isl = IslandPlan(id="llm/chat/h100/tp2", model="llm/chat", pool="h100", gpu="H100-SXM", tp=2, replicas=3,
+                     role="mixed", ranges=(RangeShare(0, 2048, 0.5, 1.0), RangeShare(2048, math.inf, 1.0, 2.0)),
+                     input_range=(0, math.inf), traffic_share=0.75, engine=EngineSettings(64, 0.9, None, 8192),
+                     cost_per_hour=23.9, power_w=900, utilization=0.6, ttft_p99_s=0.4, tpot_p99_s=0.03)
+    mp = ModelPlan("llm/chat", (isl,), ((0, 2048, {isl.id: 1.0}), (2048, math.inf, {isl.id: 1.0})), 1.0, 23.9, 900,
+                   0.4, 0.03, attainment=0.99)
+    plan = Plan(models=(mp,), assignments=(PodAssignment(isl.id, "p0", "n1", 2),), cost_per_hour=23.9, power_w=900,
+                infeasibilities=(Infeasibility("llm/chat", "unsupported", "d", "s", 1.0),))
+    sl = json.loads(json.dumps(model_slice(plan, "llm/chat")))  # through JSON, as in the annotation
+    back = plan_from_slices([sl])
+    assert back.plan_id == plan.plan_id and back.model("llm/chat") == mp and back.infeasibilities == plan.infeasibilities
+
+    p = CountingPlanner()
+    s = PlanningService(OperatorConfig(), plan_fn=p)
+    models = [req(5)]
+    digest = inputs_digest(spec_fingerprint(models), fp(fleet()), {"llm/chat": 5.0})
+    out = s.ensure_plan(fleet(), fp(fleet()), models, CurrentPlacement(), restore=lambda: {"llm/chat": (digest, sl)})
+    assert out.trigger == "restored" and out.plan.plan_id == plan.plan_id and p.calls == []
+    # a digest from other inputs is ignored: the planner runs
+    s2 = PlanningService(OperatorConfig(), plan_fn=p)
+    out2 = s2.ensure_plan(fleet(), fp(fleet()), [req(6)], CurrentPlacement(), restore=lambda: {"llm/chat": (digest, sl)})
+    assert out2.trigger == "initial" and len(p.calls) == 1
+
+
+def test_planned_workload_is_the_one_the_plan_was_made_for() -> None:
+    s, _, c = svc()
+    s.ensure_plan(fleet(), fp(fleet()), [req(5)], CurrentPlacement())
+    c.t += 5
+    s.ensure_plan(fleet(), fp(fleet()), [req(50)], CurrentPlacement())  # within the cooldown: no re-plan
+    assert s.planned_workload("llm/chat").rate_rps == 5
+    assert s.planned_workload("llm/other") is None
+
+
+def test_workload_cache_keeps_last_good_observation_through_an_outage() -> None:
+    from archipelago.controller.handlers import WorkloadCache
+    from archipelago.observe.metrics import PrometheusUnavailable
+
+    class Prom:
+        url = "fake"
+        down = False
+
+        def custom_query(self, q):
+            if self.down:
+                import requests
+
+                raise requests.ConnectionError("refused")
+            if q.startswith("sum(rate(vllm:request_success_total"):
+                return [{"metric": {}, "value": [0, "3.0"]}]
+            return []
+
+    prom = Prom()
+    cache = WorkloadCache(OperatorConfig(metrics_interval_s=0.001), prom)
+    obs, err = cache.get("llm/chat", "vllm")
+    assert obs.request_rate == 3.0 and err is None
+    prom.down = True
+    import time as _t
+
+    _t.sleep(0.01)
+    obs2, err2 = cache.get("llm/chat", "vllm")
+    assert obs2 is obs and "unreachable" in err2  # stale but kept; the error is reported
+    assert issubclass(PrometheusUnavailable, RuntimeError)
