@@ -1,13 +1,12 @@
 """The ``archipelago`` command line (typer).
 
-Sub-commands are mounted lazily so ``archipelago --help`` stays fast and a missing optional piece
-never breaks the others:
+Sub-commands:
 
 * ``simulate`` -- score a fleet on a trace with the discrete-event simulator (decide layer).
 * ``plan``     -- run the planner on fleet / model / SLO YAML (decide layer).
 * ``crds``     -- write the CRDs generated from the pydantic models.
 * ``run``      -- start the operator (kopf).
-* ``emulate``  -- impersonate a vLLM / SGLang server for one pod.
+* ``emulate``, ``emulate-fleet``, ``replay`` -- impersonate vLLM / SGLang servers and replay traces.
 """
 
 from __future__ import annotations
@@ -29,28 +28,29 @@ def crds_command(
     out: Path = typer.Option(Path("crds"), help="Directory to write one YAML file per CRD into."),
 ) -> None:
     """Write the CustomResourceDefinitions generated from the pydantic models."""
-    from archipelago.api.crdgen import write_crds
+    from archipelago.api.crdgen import write
 
-    for path in write_crds(out):
+    for path in write(out):
         typer.echo(f"wrote {path}")
 
 
 def _mount() -> None:
-    """Attach the sub-commands that live in their own modules."""
-    try:
-        from archipelago.cli_simulate import simulate_command
+    """Attach the sub-commands that live in their own modules.
 
-        app.command("simulate", help="Simulate a fleet on a trace and print TTFT/TPOT/SLO attainment.")(
-            simulate_command
-        )
-    except ImportError:  # pragma: no cover - only while the module is absent
-        pass
-    try:
-        from archipelago.cli_plan import plan_command
+    Each module imports only what its command needs at module level (heavy imports such as
+    torch, OR-Tools and kopf happen inside the commands), so mounting them is cheap.
+    """
+    from archipelago.cli_emulate import mount as mount_emulate
+    from archipelago.cli_plan import plan_command
+    from archipelago.cli_run import run_command
+    from archipelago.cli_simulate import simulate_command
 
-        app.command("plan", help="Plan islands (GPU type x TP x replicas) for models under SLOs.")(plan_command)
-    except ImportError:  # pragma: no cover
-        pass
+    app.command("simulate", help="Simulate a fleet on a trace and print TTFT/TPOT/SLO attainment.")(simulate_command)
+    app.command("plan", help="Plan islands (GPU type x TP x replicas) for models under SLOs.")(plan_command)
+    app.command("run", help="Run the operator (kopf): reconcile GPUPools, ServingSLOs and ModelDeployments.")(
+        run_command
+    )
+    mount_emulate(app)
 
 
 _mount()
