@@ -10,8 +10,11 @@ Rows (every plan scored by the same simulator on the same traces):
 * ``<method> calibrated + repair``: capacities calibrated per (model, GPU, TP, bucket) in the
   simulator (``capacity_model="simulated"``) and verify-and-repair of per-model headroom against
   the traces (``verify=True``) -- the same procedure for the planner and every baseline;
-* ``BO + CP-SAT``: the outer loop (qLogNEHVI) over per-model capacity scales around the repaired
-  point, ``max_num_seqs`` and ``max_num_batched_tokens``, warm-started from CP-SAT + repair;
+* ``BO + CP-SAT``: the structure search (:func:`~archipelago.decide.planner.outer.run_structure_search`,
+  qLogNEHVI per model) over per-model ``max_num_batched_tokens`` and island caps -- what verify-and-repair cannot search -- every candidate planned by CP-SAT on
+  calibrated capacities *with verify-and-repair* (warm-started at CP-SAT + repair's scales) and
+  scored in the simulator; the first candidate is CP-SAT + repair's own configuration. The
+  whole-plan simulations each method spent are reported;
 * LP lower bounds over all variants with the calibrated capacities (at the scales CP-SAT +
   repair settled on, and without headroom) -- bounds relative to those capacities.
 
@@ -35,7 +38,7 @@ from archipelago.decide.perf import EngineLimits
 from archipelago.decide.planner.baselines import lower_bound, run_baseline
 from archipelago.decide.planner.capacity import CapacityCache
 from archipelago.decide.planner.evaluate import score_plan
-from archipelago.decide.planner.outer import make_evaluator, run_outer_loop
+from archipelago.decide.planner.outer import make_evaluator, run_structure_search, structure_space
 from archipelago.decide.planner.types import (
     FleetSnapshot,
     ModelRequest,
@@ -113,8 +116,8 @@ def scales_of(plan) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--window", type=float, default=1200.0, help="trace window, seconds")
-    ap.add_argument("--evals", type=int, default=12, help="BO evaluations")
-    ap.add_argument("--bo-seconds", type=float, default=150.0, help="BO wall-time budget, s")
+    ap.add_argument("--evals", type=int, default=14, help="BO evaluations (each = CP-SAT + repair + score)")
+    ap.add_argument("--bo-seconds", type=float, default=220.0, help="BO wall-time budget, s")
     ap.add_argument("--verify-iters", type=int, default=8, help="verify-and-repair rounds per method")
     ap.add_argument("--ttft", type=float, default=3.0)
     ap.add_argument("--tpot", type=float, default=0.15)
@@ -151,25 +154,36 @@ def main() -> None:
             sc = score_plan(pl, reqs, traces, fleet)
             r = row(f"{name} calibrated + repair", pl, sc, wall, slo)
             r["scales"] = scales_of(pl)
+            r["simulations"] = int(pl.params.get("verify_rounds", 0)) + 1
             rows.append(r)
         cp = next(r for r in rows if r["method"] == "cpsat calibrated + repair")
         st.update("BO + CP-SAT")
-        ev = make_evaluator(fleet, reqs, traces, cal.with_(verify=False), seed=args.seed, cache=cache)
-        space = bo_space(reqs, cp["scales"])
-        start = {"log2_max_num_seqs": 8.0, "log2_max_num_batched_tokens": 11.0,
-                 **{f"scale:{k}": v for k, v in cp["scales"].items()}}
+        ev = make_evaluator(fleet, reqs, traces, cal.with_(model_capacity_scale=cp["scales"]), seed=args.seed,
+                            cache=cache, repair=True)
+        keys = [r.key for r in reqs]
+        start = {}
+        for k in keys:  # CP-SAT + repair's own configuration: vLLM limits of the requests, no island cap
+            start.update({f"log2_mbt:{k}": 11.0, f"islands:{k}": 3.5})
+        # initial design: CP-SAT + repair's own point, then the two neighbouring chunk budgets for
+        # every model at once (one axis step each way; a per-model GP learns from each)
+        design = [start] + [{**start, **{f"log2_mbt:{k}": e for k in keys}} for e in (12.0, 10.0)]
         t0 = time.perf_counter()
-        res = run_outer_loop(ev, max_evals=args.evals, max_wall_s=args.bo_seconds, seed=args.seed,
-                             target=args.target, space=space, initial=[start], n_init=5,
-                             progress=lambda i, o: st.update(
-                                 f"BO eval {i}: ${o.cost_per_hour:.2f}/h attainment {o.attainment:.3f}"))
+        res = run_structure_search(ev, keys, space=structure_space(reqs, mns=None), max_evals=args.evals,
+                                   max_wall_s=args.bo_seconds, seed=args.seed, target=args.target,
+                                   initial=design, progress=lambda i, o: st.update(
+                                       f"BO eval {i}: ${o.cost_per_hour:.2f}/h attainment {o.attainment:.3f}"))
         bo_wall = time.perf_counter() - t0
+        bo_sims = sum(int(o.extra.get("simulations", 1)) for o in res.observations)
         if res.plan is not None:
             sc = score_plan(res.plan, reqs, traces, fleet)
-            r = row(f"BO + CP-SAT ({res.evaluations} evals from the repaired point)", res.plan, sc,
+            r = row(f"BO + CP-SAT + repair ({res.evaluations} evals, {bo_sims} simulations)", res.plan, sc,
                     bo_wall + cp["plan_s"], slo)
             r["evaluations"] = res.evaluations
+            r["simulations"] = bo_sims + cp["simulations"]
             r["bo_params"] = res.chosen.params
+            r["observations"] = [{"params": o.params, "cost_per_hour": o.cost_per_hour, "attainment": o.attainment,
+                                  "per_model": o.extra.get("per_model"), "simulations": o.extra.get("simulations")}
+                                 for o in res.observations]
             rows.append(r)
         st.update("LP lower bounds")
         lb2 = lower_bound(fleet, reqs, cal.with_(verify=False, model_capacity_scale=cp["scales"]), cache=cache)
@@ -181,7 +195,7 @@ def main() -> None:
     mel = next(r for r in rows if r["method"] == "melange calibrated + repair")
     t = Table(title=f"Planner benchmark: SLO TTFT p99 <= {args.ttft}s, TPOT p99 <= {args.tpot * 1e3:.0f} ms, "
                     f"attainment >= {args.target:.0%}; window {args.window:.0f}s")
-    for c in ("method", "$/h", "GPUs", "attainment", "met", "p99 TTFT s", "p99 TPOT ms", "kW", "plan s",
+    for c in ("method", "$/h", "GPUs", "attainment", "met", "p99 TTFT s", "p99 TPOT ms", "kW", "plan s", "sims",
               "x homog.", "x Melange", "x LB"):
         t.add_column(c, justify="right" if c != "method" else "left")
 
@@ -193,7 +207,8 @@ def main() -> None:
         t.add_row(r["method"], f(c, ".2f"), f(r["gpus"], "d"), f(r["attainment"], ".3f"),
                   "-" if "met" not in r else ("yes" if r["met"] else "NO"),
                   f(r["ttft_p99_s"], ".2f"), f(None if r["tpot_p99_s"] is None else r["tpot_p99_s"] * 1e3, ".0f"),
-                  f(r["power_kw"], ".1f"), f(r["plan_s"], ".1f"), f(c / homog["cost_per_hour"], ".2f"),
+                  f(r["power_kw"], ".1f"), f(r["plan_s"], ".1f"), f(r.get("simulations"), "d"),
+                  f(c / homog["cost_per_hour"], ".2f"),
                   f(c / mel["cost_per_hour"], ".2f"), f(c / lb2 if lb2 else math.nan, ".2f"))
     con.print(t)
     con.print(f"simulator calibration of all {cache.misses} (variant, bucket) capacities: {calib_s:.1f} s "
@@ -203,17 +218,6 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "args": vars(args), "calibration_s": calib_s},
                                               indent=2, default=str))
-
-
-def bo_space(reqs, scales: dict[str, float]) -> dict[str, tuple[float, float]]:
-    """BO search space around the repaired point: per-model capacity scale within x0.75..x1.35
-    of the repaired scale, log2 max_num_seqs in [5, 9], log2 max_num_batched_tokens in [10, 13]
-    (rounded to powers of two by the evaluator so calibrations are reused)."""
-    sp: dict[str, tuple[float, float]] = {"log2_max_num_seqs": (5.0, 9.0), "log2_max_num_batched_tokens": (10.0, 13.0)}
-    for r in reqs:
-        s = scales.get(r.key, 1.0)
-        sp[f"scale:{r.key}"] = (0.75 * s, 1.35 * s)
-    return sp
 
 
 if __name__ == "__main__":

@@ -24,13 +24,15 @@ class PlanScore:
     the fraction of requests meeting TTFT and TPOT (0 for a model without islands);
     ``power_w`` fleet average power (W) over the simulated horizon; ``per_model[key]`` the
     simulator's ``summary()`` plus ``slo_met``; ``slo_met`` all models meet their SLO
-    (percentiles and attainment)."""
+    (percentiles and attainment); ``simulations`` the whole-plan simulations spent to produce
+    and score the plan (1 for a plain score; verify-and-repair rounds + 1 for repaired plans)."""
 
     cost_per_hour: float
     attainment: float
     power_w: float
     slo_met: bool
     per_model: dict[str, dict[str, Any]] = field(default_factory=dict)
+    simulations: int = 1
 
     def p99(self, key: str, metric: str) -> float:
         """p99 of ``metric`` (``ttft`` or ``tpot``) for model ``key`` in seconds (NaN if absent)."""

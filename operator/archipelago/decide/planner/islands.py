@@ -104,7 +104,9 @@ def default_limits() -> Any:
 
 
 def resolve_limits(req: ModelRequest, config: PlannerConfig) -> Any:
-    """The request's engine limits with the config's overrides applied."""
+    """The request's engine limits with the config's overrides applied (global ``max_num_seqs``
+    / ``max_num_batched_tokens`` / ``gpu_memory_utilization``, then the per-model
+    ``model_max_num_seqs`` / ``model_max_num_batched_tokens``)."""
     lim = req.limits if req.limits is not None else default_limits()
     kw = {}
     if config.max_num_seqs is not None:
@@ -113,6 +115,10 @@ def resolve_limits(req: ModelRequest, config: PlannerConfig) -> Any:
         kw["max_num_batched_tokens"] = int(config.max_num_batched_tokens)
     if config.gpu_memory_utilization is not None:
         kw["gpu_memory_utilization"] = float(config.gpu_memory_utilization)
+    if req.key in config.model_max_num_seqs:
+        kw["max_num_seqs"] = int(config.model_max_num_seqs[req.key])
+    if req.key in config.model_max_num_batched_tokens:
+        kw["max_num_batched_tokens"] = int(config.model_max_num_batched_tokens[req.key])
     if kw:
         import dataclasses
 
@@ -369,7 +375,9 @@ def _explain_dead(mp: ModelProblem, ttft: float, tpot: float) -> None:
 class IslandSolution:
     """Result of island sizing: ``replicas[iid]``, ``shares[(model_idx, bucket_idx)][iid]``
     (0..1), ``unserved[(model_idx, bucket_idx)]`` (0..1), solver status, objective ($/h incl.
-    penalties), best bound, wall time (s), variable count, lexicographic stages."""
+    penalties), best bound, wall time (s), variable count, lexicographic stages; ``start``
+    which starting point was hinted (``greedy``, ``lp-rounding`` or ``none``) and
+    ``start_objective`` its objective (same units as ``objective``)."""
 
     replicas: dict[str, int]
     shares: dict[tuple[int, int], dict[str, float]]
@@ -381,6 +389,8 @@ class IslandSolution:
     num_variables: int
     stages: int
     variants: dict[str, Variant]
+    start: str = ""
+    start_objective: float | None = None
 
 
 def _load_coef(v: Variant, bi: int, b: Bucket, headroom: float) -> int:
@@ -448,6 +458,7 @@ def solve_islands(problem: Problem, current: CurrentPlacement | None = None, *,
     load_terms: dict[str, list[Any]] = {v.iid: [] for v in all_vars}
     unserved_w: dict[tuple[int, int], int] = {}
     cost_terms: list[Any] = []
+    dvars: dict[str, tuple[Any, int]] = {}
     for mi, mp in enumerate(problem.models):
         req = mp.req
         for bi, b in enumerate(mp.buckets):
@@ -478,6 +489,9 @@ def solve_islands(problem: Problem, current: CurrentPlacement | None = None, *,
                   <= int(req.max_cost_per_hour * MILLI))
         if req.max_power_w is not None and mp.variants:
             m.Add(sum(int(round(v.busy_w)) * n[v.iid] for v in mp.variants) <= int(req.max_power_w))
+        kmax = cfg.model_max_islands.get(req.key)
+        if kmax is not None and len(mp.variants) > kmax:
+            m.Add(sum(used[v.iid] for v in mp.variants) <= int(kmax))
         for v in mp.variants:
             e = req.energy_weight * v.busy_w / 1000.0
             cost_terms.append(int(round((v.price + e) * MILLI)) * n[v.iid])
@@ -486,6 +500,7 @@ def solve_islands(problem: Problem, current: CurrentPlacement | None = None, *,
             if c is not None or cur_reps:
                 c = c or 0
                 d = m.NewIntVar(0, max(c, 10_000), f"d[{v.iid}]")
+                dvars[v.iid] = (d, c)
                 m.Add(d >= n[v.iid] - c)
                 m.Add(d >= c - n[v.iid])
                 cost_terms.append(int(round(cfg.churn_penalty_per_replica * MILLI)) * d)
@@ -497,7 +512,20 @@ def solve_islands(problem: Problem, current: CurrentPlacement | None = None, *,
         for t, gpus in levels:
             vs = [v for v in all_vars if v.pool == pn and v.tp >= t]
             m.Add(sum(v.tp * n[v.iid] for v in vs) <= max(0, gpus - cut))
-    _greedy_hint(m, problem, n, n_ub, x, u, hint, S, h)
+    # warm start: the cheaper of the greedy and the LP-rounding starting points (both complete
+    # and checked against every constraint), hinted in full so CP-SAT starts from it at once
+    cands = [_greedy_hint(m, problem, n, n_ub, x, u, hint, S, h), None, None]
+    if cfg.lp_hint:
+        cands[1] = _lp_rounding(problem, x, S, h, pool_cut or {})
+        if len(problem.models) > 1:
+            cands[2] = _per_model_start(problem, x, n_ub, S, h, pool_cut or {}, unserved_w)
+    scored = [(c_obj, i, c) for i, c in enumerate(cands) if c is not None
+              for c_obj in [_check_start(problem, c, n_ub, x, S, h, pool_cut or {}, unserved_w)] if c_obj is not None]
+    best = min(scored, key=lambda t: (t[0], t[1])) if scored else None
+    start = best[2] if best else None
+    hint_source = "none" if best is None else ("greedy", "lp-rounding", "per-model")[best[1]]
+    start_obj = best[0] / MILLI if best else None
+    _apply_start(m, start, n, used, x, u, dvars, S)
     unserved_expr = sum(unserved_w[k] * u[k] for k in u)
     cost_expr = sum(cost_terms)
 
@@ -517,7 +545,7 @@ def solve_islands(problem: Problem, current: CurrentPlacement | None = None, *,
     status = solver.StatusName(st)
     if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return IslandSolution({}, {}, {k: 1.0 for k in u}, status, None, None, wall,
-                              len(m.Proto().variables), stages, vmap)
+                              len(m.Proto().variables), stages, vmap, hint_source, start_obj)
     reps = {iid: int(solver.Value(var)) for iid, var in n.items() if solver.Value(var) > 0}
     shares: dict[tuple[int, int], dict[str, float]] = {}
     for (mi, bi, iid), var in x.items():
@@ -526,15 +554,17 @@ def solve_islands(problem: Problem, current: CurrentPlacement | None = None, *,
             shares.setdefault((mi, bi), {})[iid] = val / S
     uns = {k: solver.Value(var) / S for k, var in u.items()}
     return IslandSolution(reps, shares, uns, status, solver.ObjectiveValue() / MILLI,
-                          solver.BestObjectiveBound() / MILLI, wall, len(m.Proto().variables), stages, vmap)
+                          solver.BestObjectiveBound() / MILLI, wall, len(m.Proto().variables), stages, vmap,
+                          hint_source, start_obj)
 
 
 def _greedy_hint(m: cp_model.CpModel, problem: Problem, n: dict, n_ub: dict, x: dict, u: dict,
-                 hint: dict[str, int], S: int, h: float) -> None:
-    """A complete, feasible-by-construction starting point: each bucket goes wholly to its
-    cheapest-per-capacity variant that still has room (hinted/running islands first), replicas
-    rounded up; buckets that do not fit stay unserved. Without it a single CP-SAT worker can
-    spend its whole budget looking for a first solution."""
+                 hint: dict[str, int], S: int, h: float) -> tuple:
+    """A complete, feasible-by-construction starting point ``(replicas, shares, unserved)``:
+    each bucket goes wholly to its cheapest-per-capacity variant that still has room
+    (hinted/running islands first), replicas rounded up; buckets that do not fit stay unserved.
+    Without a start a single CP-SAT worker can spend its whole budget looking for a first
+    solution."""
     reps: dict[str, float] = {}
     gpus_left = {p.name: p.gpus_free for p in problem.fleet.pools}
     chosen: dict[tuple[int, int], str] = {}
@@ -544,6 +574,10 @@ def _greedy_hint(m: cp_model.CpModel, problem: Problem, n: dict, n_ub: dict, x: 
             if bi in mp.dead:
                 continue
             cands = [v for v in mp.variants if (mi, bi, v.iid) in x]
+            kmax = problem.config.model_max_islands.get(mp.req.key)
+            opened = {iid for (mj, _bj), iid in chosen.items() if mj == mi}
+            if kmax is not None and len(opened) >= kmax:
+                cands = [v for v in cands if v.iid in opened]
             cands.sort(key=lambda v: (v.iid not in hint, v.price / v.caps[bi].rate_rps, v.iid))
             for v in cands:
                 add = b.rate_rps / (v.caps[bi].rate_rps * (1 - h))
@@ -567,12 +601,268 @@ def _greedy_hint(m: cp_model.CpModel, problem: Problem, n: dict, n_ub: dict, x: 
             ok &= used <= g
     if not ok:
         reps, chosen = {}, {}
+    xs = {(mi, bi, iid): S for (mi, bi), iid in chosen.items()}
+    return _start_from_shares(problem, xs, x, u, S, h)
+
+
+def _start_from_shares(problem: Problem, xs: dict[tuple[int, int, str], int], x: dict, u: dict, S: int,
+                       h: float) -> tuple[dict[str, int], dict[tuple[int, int, str], int], dict[tuple[int, int], int]]:
+    """A starting point ``(replicas, shares, unserved)`` from integer shares (steps of 1/S):
+    unserved = the rest of each bucket, replicas = the fewest that carry the load (the CP-SAT
+    model's load coefficients, so the point satisfies its capacity rows)."""
+    load: dict[str, int] = {}
+    for (mi, bi, iid), q in xs.items():
+        if q <= 0:
+            continue
+        v = problem_variant(problem, iid)
+        load[iid] = load.get(iid, 0) + _load_coef(v, bi, problem.models[mi].buckets[bi], h) * q
+    reps = {iid: -(-ld // (MILLI * S)) for iid, ld in load.items() if ld > 0}
+    uns = {}
+    for key in u:
+        tot = sum(q for (mi, bi, _iid), q in xs.items() if (mi, bi) == key)
+        uns[key] = S - tot
+    return reps, {k: q for k, q in xs.items() if q > 0 and k in x}, uns
+
+
+def _check_start(problem: Problem, start: tuple, n_ub: dict[str, int], x: dict, S: int, h: float,
+                 pool_cut: dict[str, int], unserved_w: dict[tuple[int, int], int]) -> int | None:
+    """Objective (MILLI units, without churn) of a starting point, or None if it violates a
+    constraint of the CP-SAT model (so only feasible points are hinted)."""
+    reps, xs, uns = start
+    cfg = problem.config
+    if any(q < 0 for q in uns.values()) or any(k not in x for k in xs):
+        return None
+    for iid, r in reps.items():
+        if r > n_ub.get(iid, -1):
+            return None
+    allv = [v for mp in problem.models for v in mp.variants]
+    for pn, levels in _pool_limits(problem.fleet, allv).items():
+        for t, gpus in levels:
+            used = sum(v.tp * reps.get(v.iid, 0) for v in allv if v.pool == pn and v.tp >= t)
+            if used > max(0, gpus - pool_cut.get(pn, 0)):
+                return None
+    obj = 0
+    for mp in problem.models:
+        req = mp.req
+        tot = sum(reps.get(v.iid, 0) for v in mp.variants)
+        if (req.max_replicas is not None and tot > req.max_replicas) or tot < req.min_replicas:
+            return None
+        if req.max_cost_per_hour is not None and sum(int(round(v.price * MILLI)) * reps.get(v.iid, 0)
+                                                     for v in mp.variants) > int(req.max_cost_per_hour * MILLI):
+            return None
+        if req.max_power_w is not None and sum(int(round(v.busy_w)) * reps.get(v.iid, 0)
+                                               for v in mp.variants) > int(req.max_power_w):
+            return None
+        kmax = cfg.model_max_islands.get(req.key)
+        if kmax is not None and sum(1 for v in mp.variants if reps.get(v.iid, 0) > 0) > kmax:
+            return None
+        for v in mp.variants:
+            r = reps.get(v.iid, 0)
+            e = req.energy_weight * v.busy_w / 1000.0
+            obj += int(round((v.price + e) * MILLI)) * r + (int(round(cfg.island_penalty * MILLI)) if r else 0)
+    obj += sum(unserved_w[k] * q for k, q in uns.items())
+    return obj
+
+
+def _apply_start(m: cp_model.CpModel, start: tuple | None, n: dict, used: dict, x: dict, u: dict,
+                 dvars: dict[str, tuple[Any, int]], S: int) -> None:
+    """Hint every variable (replicas, island flags, shares, unserved, churn) from ``start``
+    (all-unserved when None)."""
+    reps, xs, uns = start if start is not None else ({}, {}, {k: S for k in u})
     for iid, var in n.items():
-        m.AddHint(var, math.ceil(reps.get(iid, 0.0) - 1e-9))
-    for (mi, bi, iid), var in x.items():
-        m.AddHint(var, S if chosen.get((mi, bi)) == iid else 0)
+        m.AddHint(var, reps.get(iid, 0))
+        m.AddHint(used[iid], 1 if reps.get(iid, 0) > 0 else 0)
+    for key, var in x.items():
+        m.AddHint(var, xs.get(key, 0))
     for key, var in u.items():
-        m.AddHint(var, 0 if key in chosen else S)
+        m.AddHint(var, uns.get(key, S))
+    for iid, (d, c) in dvars.items():
+        m.AddHint(d, abs(reps.get(iid, 0) - c))
+
+
+def _per_model_start(problem: Problem, x: dict, n_ub: dict[str, int], S: int, h: float,
+                     pool_cut: dict[str, int], unserved_w: dict[tuple[int, int], int]) -> tuple | None:
+    """Decomposed starting point: one small CP-SAT model per model (its variants, buckets,
+    replica bounds, budget and island caps; the same objective), solved in priority order
+    (then largest load first) against the pool GPUs the models before it left, TP level by TP
+    level. Each sub-model has a few dozen variables and is usually solved to optimality in
+    milliseconds, so at 50 models the start is close to the joint optimum except for the pool
+    contention the order decides. Returns None if a sub-model fails."""
+    cfg = problem.config
+    allv = [v for mp in problem.models for v in mp.variants]
+    limits = {pn: dict(lv) for pn, lv in _pool_limits(problem.fleet, allv).items()}
+    usedg: dict[tuple[str, int], int] = {}
+    reps: dict[str, int] = {}
+    xs: dict[tuple[int, int, str], int] = {}
+    order = sorted(range(len(problem.models)),
+                   key=lambda i: (-problem.models[i].req.priority, -problem.models[i].req.workload.rate_rps, i))
+    per_solve = max(0.02, min(0.25, cfg.inner_time_limit_s * 0.3 / max(1, len(order))))
+    for mi in order:
+        mp = problem.models[mi]
+        if not mp.variants:
+            continue
+        sm = cp_model.CpModel()
+        nn = {v.iid: sm.NewIntVar(0, n_ub[v.iid], "") for v in mp.variants}
+        uu = {v.iid: sm.NewBoolVar("") for v in mp.variants}
+        for v in mp.variants:
+            sm.Add(nn[v.iid] <= n_ub[v.iid] * uu[v.iid])
+        ld: dict[str, list] = {v.iid: [] for v in mp.variants}
+        xx: dict[tuple[int, int, str], Any] = {}
+        obj = []
+        for bi, b in enumerate(mp.buckets):
+            keys = [(mi, bi, v.iid) for v in mp.variants if (mi, bi, v.iid) in x]
+            ub_ = sm.NewIntVar(0, S, "")
+            for k in keys:
+                xx[k] = sm.NewIntVar(0, S, "")
+                ld[k[2]].append(_load_coef(problem_variant(problem, k[2]), bi, b, h) * xx[k])
+            sm.Add(sum(xx[k] for k in keys) + ub_ == S)
+            obj.append(unserved_w[mi, bi] * ub_)
+        for v in mp.variants:
+            if ld[v.iid]:
+                sm.Add(sum(ld[v.iid]) <= MILLI * S * nn[v.iid])
+            e = mp.req.energy_weight * v.busy_w / 1000.0
+            obj.append(int(round((v.price + e) * MILLI)) * nn[v.iid] + int(round(cfg.island_penalty * MILLI)) * uu[v.iid])
+        for pn, lv in limits.items():
+            for t, gpus in lv.items():
+                vs = [v for v in mp.variants if v.pool == pn and v.tp >= t]
+                if vs:
+                    room = max(0, gpus - pool_cut.get(pn, 0) - usedg.get((pn, t), 0))
+                    sm.Add(sum(v.tp * nn[v.iid] for v in vs) <= room)
+        tot = sum(nn.values())
+        req = mp.req
+        if req.max_replicas is not None:
+            sm.Add(tot <= req.max_replicas)
+        if req.min_replicas:
+            sm.Add(tot >= req.min_replicas)
+        if req.max_cost_per_hour is not None:
+            sm.Add(sum(int(round(v.price * MILLI)) * nn[v.iid] for v in mp.variants) <= int(req.max_cost_per_hour * MILLI))
+        if req.max_power_w is not None:
+            sm.Add(sum(int(round(v.busy_w)) * nn[v.iid] for v in mp.variants) <= int(req.max_power_w))
+        kmax = cfg.model_max_islands.get(req.key)
+        if kmax is not None:
+            sm.Add(sum(uu.values()) <= kmax)
+        sm.Minimize(sum(obj))
+        sv = cp_model.CpSolver()
+        sv.parameters.num_workers = 1
+        sv.parameters.random_seed = cfg.seed
+        sv.parameters.max_time_in_seconds = per_solve
+        sv.parameters.max_deterministic_time = per_solve
+        sv.parameters.linearization_level = 2
+        if sv.Solve(sm) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            return None
+        for v in mp.variants:
+            r = int(sv.Value(nn[v.iid]))
+            if r:
+                reps[v.iid] = r
+                for t in limits.get(v.pool, {}):
+                    if v.tp >= t:
+                        usedg[(v.pool, t)] = usedg.get((v.pool, t), 0) + v.tp * r
+        xs.update({k: int(sv.Value(var)) for k, var in xx.items() if sv.Value(var)})
+    u = {(mi, bi): 0 for mi, mp in enumerate(problem.models) for bi in range(len(mp.buckets))}
+    start = _start_from_shares(problem, xs, x, u, S, h)
+    return start
+
+
+def _lp_rounding(problem: Problem, x: dict, S: int, h: float, pool_cut: dict[str, int]
+                 ) -> tuple[dict[str, int], dict[tuple[int, int, str], int], dict[tuple[int, int], int]] | None:
+    """LP-rounding starting point: solve the LP relaxation over the candidate variants (OR-Tools
+    GLOP; fractional replicas and shares, pool TP-block limits with ``pool_cut``, replica caps),
+    round each bucket's shares to steps of 1/S (largest remainder), replicas up, then empty the
+    islands whose load fits in the slack the rounding left on the model's other islands
+    (cheapest-to-drop first). Returns None if the LP fails. At scale this is far closer to the
+    optimum than the greedy start (each bucket wholly on its cheapest variant)."""
+    from ortools.linear_solver import pywraplp
+
+    s = pywraplp.Solver.CreateSolver("GLOP")
+    if s is None:  # pragma: no cover
+        return None
+    inf = s.infinity()
+    allv = [v for mp in problem.models for v in mp.variants]
+    nv = {v.iid: s.NumVar(0, inf, v.iid) for v in allv}
+    load: dict[str, list] = {v.iid: [] for v in allv}
+    xv: dict[tuple[int, int, str], Any] = {}
+    obj = []
+    for mi, mp in enumerate(problem.models):
+        for v in mp.variants:
+            obj.append((v.price + mp.req.energy_weight * v.busy_w / 1000.0) * nv[v.iid])
+        for bi, b in enumerate(mp.buckets):
+            keys = [k for k in ((mi, bi, v.iid) for v in mp.variants) if k in x]
+            if not keys:
+                continue
+            uv = s.NumVar(0, 1, "")
+            for k in keys:
+                xv[k] = s.NumVar(0, 1, "")
+                v = problem_variant(problem, k[2])
+                load[k[2]].append(_load_coef(v, bi, b, h) / MILLI * xv[k])
+            s.Add(sum(xv[k] for k in keys) + uv == 1)
+            obj.append(1e4 * (1 + b.rate_rps) * uv)
+        if mp.req.max_replicas is not None and mp.variants:
+            s.Add(sum(nv[v.iid] for v in mp.variants) <= mp.req.max_replicas)
+    for v in allv:
+        if load[v.iid]:
+            s.Add(sum(load[v.iid]) <= nv[v.iid])
+    for pn, levels in _pool_limits(problem.fleet, allv).items():
+        for t, gpus in levels:
+            s.Add(sum(v.tp * nv[v.iid] for v in allv if v.pool == pn and v.tp >= t)
+                  <= max(0, gpus - pool_cut.get(pn, 0)))
+    s.Minimize(sum(obj))
+    if s.Solve() not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
+        return None
+    xs: dict[tuple[int, int, str], int] = {}
+    groups: dict[tuple[int, int], list] = {}
+    for k, var in xv.items():
+        groups.setdefault(k[:2], []).append((k, var.solution_value()))
+    for _key, vals in groups.items():
+        fl = {k: int(math.floor(val * S + 1e-9)) for k, val in vals}
+        want = int(round(sum(val for _, val in vals) * S))
+        rest = sorted(vals, key=lambda kv: -(kv[1] * S - fl[kv[0]]))
+        for k, _ in rest[: max(0, want - sum(fl.values()))]:
+            fl[k] += 1
+        xs.update({k: q for k, q in fl.items() if q > 0})
+    # empty small islands into the slack of the model's other islands
+    coef = {k: _load_coef(problem_variant(problem, k[2]), k[1], problem.models[k[0]].buckets[k[1]], h) for k in x}
+    for _ in range(2):
+        reps, _, _ = _start_from_shares(problem, xs, x, {}, S, h)
+        ld = {iid: 0 for iid in reps}
+        for k, q in xs.items():
+            ld[k[2]] += coef[k] * q
+        slack = {iid: reps[iid] * MILLI * S - ld[iid] for iid in reps}
+        order = sorted(reps, key=lambda iid: (problem_variant(problem, iid).price * reps[iid], iid))
+        for iid in order:
+            if reps.get(iid, 0) == 0:
+                continue
+            mine = [k for k in xs if k[2] == iid]
+            moves: list[tuple[tuple, tuple, int]] = []
+            trial = dict(slack)
+            ok = True
+            for k in mine:
+                q = xs[k]
+                dest = None
+                for w in sorted((w for w in reps if w != iid and reps[w] > 0 and (k[0], k[1], w) in x),
+                                key=lambda w: -trial[w]):
+                    if problem_variant(problem, w).model_idx != k[0]:
+                        continue
+                    need = coef[(k[0], k[1], w)] * q
+                    if need <= trial[w]:
+                        dest = w
+                        trial[w] -= need
+                        break
+                if dest is None:
+                    ok = False
+                    break
+                moves.append((k, (k[0], k[1], dest), q))
+            if not ok or not moves:
+                continue
+            for k, kd, q in moves:
+                del xs[k]
+                xs[kd] = xs.get(kd, 0) + q
+            slack = trial
+            reps[iid] = 0
+    u = {k[:2]: 0 for k in xs}
+    for mi, mp in enumerate(problem.models):
+        for bi in range(len(mp.buckets)):
+            u.setdefault((mi, bi), 0)
+    return _start_from_shares(problem, xs, x, u, S, h)
 
 
 def problem_variant(problem: Problem, iid: str) -> Variant:

@@ -268,17 +268,258 @@ def config_from_params(base: Any, params: dict[str, float]) -> Any:
         kw["max_num_seqs"] = int(2 ** round(params["log2_max_num_seqs"]))
     if "log2_max_num_batched_tokens" in params:
         kw["max_num_batched_tokens"] = int(2 ** round(params["log2_max_num_batched_tokens"]))
+    mbt = dict(base.model_max_num_batched_tokens)
+    mns = dict(base.model_max_num_seqs)
+    isl = dict(base.model_max_islands)
+    for k, v in params.items():
+        name, _, key = k.partition(":")
+        if not key:
+            continue
+        if name == "log2_mbt":
+            mbt[key] = int(2 ** round(float(v)))
+        elif name == "log2_mns":
+            mns[key] = int(2 ** round(float(v)))
+        elif name == "islands":
+            cap = island_cap(float(v))
+            if cap is None:
+                isl.pop(key, None)
+            else:
+                isl[key] = cap
+    if mbt != base.model_max_num_batched_tokens:
+        kw["model_max_num_batched_tokens"] = mbt
+    if mns != base.model_max_num_seqs:
+        kw["model_max_num_seqs"] = mns
+    if isl != base.model_max_islands:
+        kw["model_max_islands"] = isl
     return base.with_(**kw)
+
+
+#: ``islands:<key>`` values at or above this mean "no cap on the model's islands".
+ISLANDS_UNCAPPED = 3
+
+
+def island_cap(x: float) -> int | None:
+    """Island cap encoded by a continuous ``islands:<key>`` parameter: ``floor(x)`` clipped to
+    ``>= 1``; values ``>= ISLANDS_UNCAPPED`` mean no cap (None)."""
+    k = max(1, int(math.floor(x + 1e-9)))
+    return None if k >= ISLANDS_UNCAPPED else k
+
+
+def grid_key(params: dict[str, float]) -> tuple:
+    """The discrete configuration ``params`` map to (engine limits rounded to powers of two,
+    island caps floored, other parameters rounded to 3 decimals): two parameter vectors with the
+    same key give the same plan, so the structure search does not spend evaluations on both."""
+    out = []
+    for k in sorted(params):
+        v = float(params[k])
+        name = k.partition(":")[0]
+        if name.startswith("log2"):
+            out.append((k, int(round(v))))
+        elif name == "islands":
+            out.append((k, island_cap(v) or 0))
+        else:
+            out.append((k, round(v, 3)))
+    return tuple(out)
+
+
+def structure_space(requests: list[Any], *, mbt: tuple[float, float] = (9.0, 13.0),
+                    mns: tuple[float, float] | None = (6.0, 9.0),
+                    islands: tuple[float, float] = (1.0, ISLANDS_UNCAPPED + 0.999)
+                    ) -> dict[str, tuple[float, float]]:
+    """Per-model structure search space of :func:`run_structure_search`: what verify-and-repair
+    (per-model capacity scales) cannot search --
+
+    * ``log2_mbt:<key>``: log2 of the model's ``max_num_batched_tokens`` (chunked-prefill token
+      budget; default 2^9..2^13 = 512..8192 tokens): larger steps raise prefill throughput,
+      smaller ones cut the inter-token latency long prompts inflict on co-running decodes;
+    * ``log2_mns:<key>``: log2 of ``max_num_seqs`` (default 64..512; None drops it);
+    * ``islands:<key>``: island cap (1, 2, or uncapped): consolidation onto fewer islands, i.e.
+      fewer whole-replica roundings and least-loaded pooling over more replicas of one island.
+
+    Each changes the simulator-calibrated capacities or the plan's structure, so the inner loop
+    cannot judge it analytically. Returns ``{name: (low, high)}`` in real units."""
+    sp: dict[str, tuple[float, float]] = {}
+    for r in requests:
+        sp[f"log2_mbt:{r.key}"] = mbt
+        if mns is not None:
+            sp[f"log2_mns:{r.key}"] = mns
+        sp[f"islands:{r.key}"] = islands
+    return sp
+
+
+def _split(params: dict[str, float], key: str) -> dict[str, float]:
+    return {k: v for k, v in params.items() if k.partition(":")[2] == key}
+
+
+def run_structure_search(evaluate: Callable[[dict[str, float]], tuple[Any, Any]], keys: list[str], *,
+                         space: dict[str, tuple[float, float]], max_evals: int = 12,
+                         max_wall_s: float = 300.0, seed: int = 0, preference: str = "cost",
+                         target: float | dict[str, float] = 0.99,
+                         initial: list[dict[str, float]] | None = None,
+                         observations: list[Observation] | None = None, n_init: int = 3,
+                         progress: Callable[[int, Observation], None] | None = None,
+                         num_restarts: int = 2, raw_samples: int = 48) -> OuterResult:
+    """Multi-objective BO over per-model structure (:func:`structure_space`), exploiting that a
+    plan's cost and power are sums over models and its attainment the minimum over models
+    (models are routed and simulated independently; they couple only through pool GPUs).
+
+    One :class:`OuterLoop` (qLogNEHVI on a GP over the model's own parameters; objectives the
+    model's $/h, simulated attainment and W) per model; each *joint* evaluation combines one
+    candidate per model, runs the inner loop + verify-and-repair once and feeds every model's
+    share of the result to its loop -- each evaluation is an observation for every model, so 3
+    models learn 3x faster than one GP over the joint space. A candidate whose discrete
+    configuration (:func:`grid_key`) a model has already evaluated is replaced by that model's
+    next Sobol point. The last evaluation combines every model's chosen point (by
+    ``preference`` and its attainment ``target``) if that combination was not evaluated; the
+    answer is the joint observation :func:`choose` picks -- so it is never worse than the
+    ``initial`` point (e.g. the CP-SAT + repair configuration) by the chosen criterion.
+
+    Args:
+        evaluate: ``params -> (plan, score)``; ``score.per_model[key]`` needs ``attainment``,
+            ``slo_met`` and optionally ``energy_j``/``horizon_s``; ``plan.model(key)`` gives the
+            model's ``cost_per_hour`` and ``power_w`` (e.g. :func:`make_evaluator` with
+            ``repair=True``).
+        keys: model keys (``ns/name``), as in ``space``'s ``<name>:<key>`` entries.
+        space: ``{"<param>:<key>": (low, high)}``.
+        max_evals, max_wall_s: budget (evaluations, seconds; checked before each evaluation).
+        seed: Sobol / acquisition seed (per model ``seed + index``).
+        preference, target: operating point (see :func:`choose`); ``target`` per model or one
+            for all.
+        initial: joint points evaluated first.
+        observations: warm start: joint observations of an earlier run (their ``extra`` must hold
+            ``per_model`` as recorded here); not re-evaluated.
+        progress: called after each evaluation with ``(index, observation)``.
+
+    Returns:
+        :class:`OuterResult` over joint observations (``extra["per_model"]`` per model:
+        ``cost_per_hour``, ``attainment``, ``power_w``; ``extra["simulations"]``).
+    """
+    t0 = time.perf_counter()
+    tgt = {k: (target[k] if isinstance(target, dict) else float(target)) for k in keys}
+    joint_target = min(tgt.values()) if tgt else 0.99
+    loops = {}
+    for i, k in enumerate(keys):
+        sub = {n: b for n, b in space.items() if n.partition(":")[2] == k}
+        loops[k] = OuterLoop(space=sub, seed=seed + i, n_init=n_init, num_restarts=num_restarts,
+                             raw_samples=raw_samples)
+    joint = OuterLoop(space=space, seed=seed, n_init=n_init, observations=observations)
+    seen: dict[str, set] = {k: set() for k in keys}
+    for o in joint.obs:
+        _tell_models(loops, seen, o, keys)
+    plans: dict[int, Any] = {}
+    evals = 0
+    queue = list(initial or [])
+    combined_done = False
+
+    def run_one(params: dict[str, float]) -> None:
+        nonlocal evals
+        pl, sc = evaluate(params)
+        per = _per_model(pl, sc, keys, tgt)
+        o = joint.tell(params, sc.cost_per_hour, min((v["attainment"] for v in per.values()), default=0.0),
+                       sc.power_w, per_model=per, simulations=int(getattr(sc, "simulations", 1)))
+        plans[id(o)] = pl
+        _tell_models(loops, seen, o, keys)
+        evals += 1
+        if progress:
+            progress(evals, o)
+
+    evaluated = {grid_key(o.params) for o in joint.obs}
+    while evals < max_evals and time.perf_counter() - t0 < max_wall_s:
+        if queue:
+            params = queue.pop(0)
+        elif not combined_done and evals >= 1 and (
+                evals == max_evals - 1
+                or max_wall_s - (time.perf_counter() - t0) < 2.0 * (time.perf_counter() - t0) / evals):
+            combined_done = True
+            params = {}
+            for k in keys:
+                ch = choose(loops[k].obs, preference, tgt[k])
+                params.update(ch.params if ch is not None else loops[k].ask())
+                if ch is not None and ch.extra.get("scale") is not None:
+                    # warm-start repair from the scale that passed for this model's point
+                    params[f"scale:{k}"] = float(ch.extra["scale"])
+            if grid_key(params) in evaluated:
+                continue
+        else:
+            params = {}
+            for k in keys:
+                params.update(_ask_new(loops[k], seen[k]))
+        evaluated.add(grid_key(params))
+        run_one(params)
+    ch = choose(joint.obs, preference, joint_target)
+    pl = plans.get(id(ch)) if ch is not None else None
+    if ch is not None and pl is None:
+        pl, _ = evaluate(ch.params)
+    front = joint.pareto()
+    pts = [ParetoPoint(o.cost_per_hour, o.attainment, o.power_w, o.params, chosen=o is ch) for o in front]
+    if ch is not None and all(not p.chosen for p in pts):
+        pts.append(ParetoPoint(ch.cost_per_hour, ch.attainment, ch.power_w, ch.params, chosen=True))
+    return OuterResult(ch, pl, pts, joint.obs, evals, time.perf_counter() - t0)
+
+
+def _ask_new(loop: OuterLoop, seen: set, tries: int = 8) -> dict[str, float]:
+    """The loop's next candidate; if its discrete configuration was evaluated already, the next
+    Sobol point instead (up to ``tries``)."""
+    p = loop.ask()
+    for _ in range(tries):
+        if grid_key(p) not in seen:
+            return p
+        from torch.quasirandom import SobolEngine
+
+        eng = SobolEngine(len(loop.names), scramble=True, seed=loop.seed)
+        loop._sobol_i += 1
+        p = loop.from_unit(eng.draw(loop._sobol_i + 1).numpy()[-1])
+    return p
+
+
+def _per_model(plan: Any, score: Any, keys: list[str], tgt: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Per-model objectives of a joint evaluation: $/h and W of the model's islands (simulated W
+    when the score has energy), and the *effective* attainment: the simulated attainment, capped
+    just below the target when the simulator's SLO check fails (percentiles over target or
+    requests rejected) or load is unserved, so such points never count as meeting the SLO."""
+    out = {}
+    for k in keys:
+        mp = plan.model(k)
+        pm = score.per_model.get(k, {})
+        att = float(pm.get("attainment") or 0.0)
+        served = mp.served_fraction if mp is not None else 0.0
+        if not pm.get("slo_met") or served < 1.0 - 1e-9:
+            att = min(att, tgt[k] - 1e-3)
+        hz = pm.get("horizon_s") or 0.0
+        watts = float(pm["energy_j"]) / hz if pm.get("energy_j") is not None and hz > 0 else (
+            float(mp.power_w) if mp is not None else 0.0)
+        out[k] = {"cost_per_hour": float(mp.cost_per_hour) if mp is not None else 0.0, "attainment": att,
+                  "power_w": watts, "scale": plan.params.get(f"scale:{k}")}
+    return out
+
+
+def _tell_models(loops: dict[str, OuterLoop], seen: dict[str, set], o: Observation, keys: list[str]) -> None:
+    per = o.extra.get("per_model", {})
+    for k in keys:
+        if k not in per:
+            continue
+        sub = _split(o.params, k)
+        names = loops[k].names
+        if any(n not in sub for n in names):
+            continue  # a warm-start point from another space
+        v = per[k]
+        loops[k].tell({n: sub[n] for n in names}, v["cost_per_hour"], v["attainment"], v["power_w"],
+                      scale=v.get("scale"))
+        seen[k].add(grid_key({n: sub[n] for n in names}))
 
 
 def make_evaluator(fleet: Any, requests: list[Any], traces: dict[str, Any], base_config: Any, *,
                    seed: int = 0, gpu_catalog: Any = None, perf_factory: Any = None,
-                   planner: Callable[..., Any] | None = None, cache: Any = None
+                   planner: Callable[..., Any] | None = None, cache: Any = None, repair: bool = False
                    ) -> Callable[[dict[str, float]], tuple[Any, Any]]:
     """``params -> (plan, score)``: inner loop with the params applied (no pod packing), scored
     by :func:`archipelago.decide.planner.evaluate.score_plan`. A plan that does not serve
     every model scores attainment = its simulated attainment (unserved models count 0).
-    ``cache``: capacity memo shared across evaluations (simulated calibrations)."""
+    ``cache``: capacity memo shared across evaluations (simulated calibrations).
+    ``repair``: run verify-and-repair inside every evaluation (``verify=True`` on the traces,
+    starting from ``base_config.model_capacity_scale``): the candidate is then judged at the
+    cheapest per-model capacity scales that pass in the simulator. ``score.simulations``
+    counts the whole-plan simulations spent (repair rounds + the final score)."""
     from .evaluate import score_plan
     from .planner import plan as run_plan
 
@@ -286,11 +527,15 @@ def make_evaluator(fleet: Any, requests: list[Any], traces: dict[str, Any], base
 
     def ev(params: dict[str, float]) -> tuple[Any, Any]:
         cfg = config_from_params(base_config, params)
-        kw = {"cache": cache} if cache is not None else {}
+        kw: dict[str, Any] = {"cache": cache} if cache is not None else {}
+        if repair:
+            cfg = cfg.with_(verify=True)
+            kw["traces"] = traces
         pl = planner(fleet, requests, None, cfg, gpu_catalog=gpu_catalog, perf_factory=perf_factory,
                      pack_pods=False, **kw)
         sc = score_plan(pl, requests, traces, fleet, gpu_catalog=gpu_catalog, perf_factory=perf_factory,
                         seed=seed)
+        sc.simulations = 1 + int(pl.params.get("verify_rounds", 0)) if repair else 1
         if not math.isfinite(sc.power_w):
             sc.power_w = 0.0
         return pl, sc

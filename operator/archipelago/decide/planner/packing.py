@@ -78,10 +78,17 @@ def pack(fleet: FleetSnapshot, items: list[PackItem], config: PlannerConfig,
             by_pool.setdefault(it.pool, []).append(it)
     res = PackResult([], {}, 0, 0, 0, "OPTIMAL", 0.0, 0.0)
     rank = {"OPTIMAL": 0, "FEASIBLE": 1, "UNKNOWN": 2, "MODEL_INVALID": 3, "INFEASIBLE": 3}
-    npools = max(1, len(by_pool))
-    pool_cfg = config.with_(packing_time_limit_s=config.packing_time_limit_s / npools,
-                            packing_deterministic_limit=config.packing_deterministic_limit / npools)
+    # time shares: each pool gets the remaining budget in proportion to its pods (model
+    # building counts against the budget, so later pools get what earlier ones left)
+    left_pods = sum(it.replicas for its in by_pool.values() for it in its)
     for pn in sorted(by_pool):
+        pods = sum(it.replicas for it in by_pool[pn])
+        frac = pods / max(1, left_pods)
+        left_pods -= pods
+        wall_left = max(0.05, config.packing_time_limit_s - (time.perf_counter() - t0))
+        det_left = max(0.05, config.packing_deterministic_limit * frac * len(by_pool) / max(1, len(by_pool)))
+        pool_cfg = config.with_(packing_time_limit_s=max(0.15, wall_left * frac),
+                                packing_deterministic_limit=min(det_left, config.packing_deterministic_limit))
         r = _pack_pool(fleet, pn, sorted(by_pool[pn], key=lambda i: i.island), pool_cfg, current)
         res.assignments += r.assignments
         res.placed.update(r.placed)
@@ -106,6 +113,11 @@ def _solver(config: PlannerConfig, share: float) -> cp_model.CpSolver:
     p.random_seed = config.seed
     p.max_time_in_seconds = max(0.05, config.packing_time_limit_s * share)
     p.max_deterministic_time = max(0.05, config.packing_deterministic_limit * share)
+    # thousands of pods: presolve and symmetry detection alone would eat the time share before
+    # the (complete, feasible) greedy hint is even looked at; without them CP-SAT takes the hint
+    # as its first solution at once and spends the rest improving it and proving a bound
+    p.cp_model_presolve = False
+    p.symmetry_level = 0
     if config.num_workers > 1:
         p.interleave_search = True
     return s
@@ -155,14 +167,14 @@ def _pack_pool_inner(fleet: FleetSnapshot, pn: str, items: list[PackItem], confi
     for k, ts in per_node.items():
         m.Add(sum(ts) <= nodes[k].gpus_free)
     greedy = _greedy_fill(items, nodes, z, cur)
-    for (i, k), c in greedy.items():
-        m.AddHint(z[i, k], c)
     moved_terms, spread_terms = [], []
+    aux: list[tuple[cp_model.IntVar, tuple[int, int], int, int]] = []  # (var, key, sign, offset)
     for (i, k), c in cur.items():
         if (i, k) in z:
             mv = m.NewIntVar(0, c, f"mv{i},{k}")
             m.Add(mv >= c - z[i, k])
             moved_terms.append(mv)
+            aux.append((mv, (i, k), -1, c))
     for (i, k), var in z.items():
         it = items[i]
         q = max(1, math.ceil(it.replicas / max(1, elig.get(i, 1))))
@@ -170,13 +182,25 @@ def _pack_pool_inner(fleet: FleetSnapshot, pn: str, items: list[PackItem], confi
             ex = m.NewIntVar(0, it.replicas, f"ex{i},{k}")
             m.Add(ex >= var - q)
             spread_terms.append(ex)
+            aux.append((ex, (i, k), 1, -q))
+
+    def full_hint(counts: dict[tuple[int, int], int]) -> None:
+        # a *complete* hint (placements and the moved/excess auxiliaries): CP-SAT then takes it
+        # as its first solution at once instead of searching for one in its short time share
+        m.ClearHints()
+        for key, var in z.items():
+            m.AddHint(var, counts.get(key, 0))
+        for var, key, sign, off in aux:
+            m.AddHint(var, max(0, sign * counts.get(key, 0) + off))
+
+    full_hint(greedy)
     # running pods on nodes that are gone, cordoned or cannot host them any more must move
     const_moved = sum(c for (i, k), c in cur.items() if (i, k) not in z)
     const_moved += sum(c for it in items for node, c in current.per_node(it.island).items()
                        if node not in node_idx)
     # (1) placement, lexicographic by priority
     total_demand = sum(it.replicas * it.tp for it in items)
-    status, gap = "OPTIMAL", 0.0
+    gap = 0.0
     levels = sorted({it.priority for it in items}, reverse=True)
     all_placed = sum(it.tp * placed_expr[i] for i, it in enumerate(items))
     ub = placement_upper_bound(items, [n.gpus_free for n in nodes])
@@ -197,52 +221,54 @@ def _pack_pool_inner(fleet: FleetSnapshot, pn: str, items: list[PackItem], confi
             return _decode(items, nodes, greedy, cur, z, current, const_moved, "GREEDY",
                            (ub - g_placed) / max(1, ub), t0)
         got = int(round(solver.ObjectiveValue()))
+    # ``best`` is the last placement some solve (or the greedy fill) produced; a later stage that
+    # finds no solution in its time share leaves it in force
+    best = greedy if solver is None else {key: int(solver.Value(v)) for key, v in z.items()}
+    best_status = "OPTIMAL" if solver is None else solver.StatusName(st)
     if solver is not None and got < total_demand and len(levels) > 1:
         for lv in levels:
             expr = sum(it.tp * placed_expr[i] for i, it in enumerate(items) if it.priority == lv)
-            _hints(m, solver, z)
+            full_hint(best)
             m.Maximize(expr)
-            solver = _solver(config, 0.5 / len(levels))
-            st = solver.Solve(m)
-            if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-                break
-            m.Add(expr >= int(round(solver.ObjectiveValue())))
+            s_lv = _solver(config, 0.5 / len(levels))
+            st_lv = s_lv.Solve(m)
+            if st_lv not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+                # fix this level at what the best placement so far achieves and go on
+                m.Add(expr >= sum(items[i].tp * c for (i, _k), c in best.items() if items[i].priority == lv))
+                best_status = "FEASIBLE"
+                continue
+            best = {key: int(s_lv.Value(v)) for key, v in z.items()}
+            m.Add(expr >= int(round(s_lv.ObjectiveValue())))
     else:
         m.Add(all_placed >= got)
     # (2) moves, then spread
-    if solver is None:
-        m.ClearHints()
-        for key, var in z.items():
-            m.AddHint(var, greedy.get(key, 0))
     if moved_terms or spread_terms:
-        if solver is not None:
-            _hints(m, solver, z)
+        full_hint(best)
         obj = 1000 * sum(moved_terms) + sum(spread_terms)
         m.Minimize(obj)
         solver2 = _solver(config, 1.0 if solver is None else 0.5)
         st2 = solver2.Solve(m)
         if st2 in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-            solver, st = solver2, st2
-            ov, bd = solver.ObjectiveValue(), solver.BestObjectiveBound()
+            ov, bd = solver2.ObjectiveValue(), solver2.BestObjectiveBound()
             gap = abs(ov - bd) / max(1.0, abs(ov))
-        elif solver is None:
-            # no CP-SAT solution in time: keep the greedy placement (optimal in placed GPUs);
-            # gap of its moves+spread objective to CP-SAT's bound (or to the forced moves)
-            g_obj = 1000 * sum(max(0, c - greedy.get(key, 0)) for key, c in cur.items() if key in z)
-            g_obj += sum(max(0, greedy.get(key, 0) - max(1, math.ceil(items[key[0]].replicas
-                                                                       / max(1, elig.get(key[0], 1)))))
-                         for key in z)
-            bd = max(0.0, solver2.BestObjectiveBound()) if math.isfinite(solver2.BestObjectiveBound()) else 0.0
-            return _decode(items, nodes, greedy, cur, z, current, const_moved, "GREEDY",
-                           (g_obj - min(bd, g_obj)) / max(1.0, g_obj), t0)
-    elif solver is not None:
-        ov, bd = solver.ObjectiveValue(), solver.BestObjectiveBound()
-        gap = abs(ov - bd) / max(1.0, abs(ov))
+            counts = {key: int(solver2.Value(v)) for key, v in z.items()}
+            status = "OPTIMAL" if (solver2.StatusName(st2) == "OPTIMAL" and best_status == "OPTIMAL") else "FEASIBLE"
+            return _decode(items, nodes, counts, cur, z, current, const_moved, status, gap, t0)
+        # no CP-SAT solution in time: keep ``best``; gap of its moves+spread objective to
+        # CP-SAT's bound (0 when none was proven)
+        b_obj = 1000 * sum(max(0, c - best.get(key, 0)) for key, c in cur.items() if key in z)
+        b_obj += sum(max(0, best.get(key, 0) - max(1, math.ceil(items[key[0]].replicas
+                                                                / max(1, elig.get(key[0], 1)))))
+                     for key in z)
+        bd = solver2.BestObjectiveBound()
+        bd = max(0.0, bd) if math.isfinite(bd) else 0.0
+        return _decode(items, nodes, best, cur, z, current, const_moved,
+                       "GREEDY" if solver is None else best_status, (b_obj - min(bd, b_obj)) / max(1.0, b_obj), t0)
     if solver is None:
-        return _decode(items, nodes, greedy, cur, z, current, const_moved, "OPTIMAL", 0.0, t0)
-    status = solver.StatusName(st)
-    counts: dict[tuple[int, int], int] = {key: int(solver.Value(v)) for key, v in z.items()}
-    return _decode(items, nodes, counts, cur, z, current, const_moved, status, gap, t0)
+        return _decode(items, nodes, best, cur, z, current, const_moved, "OPTIMAL", 0.0, t0)
+    ov, bd = solver.ObjectiveValue(), solver.BestObjectiveBound()
+    gap = abs(ov - bd) / max(1.0, abs(ov))
+    return _decode(items, nodes, best, cur, z, current, const_moved, best_status, gap, t0)
 
 
 def placement_upper_bound(items: list[PackItem], free: list[int]) -> int:
@@ -329,12 +355,6 @@ def _greedy_fill(items: list[PackItem], nodes: list, z: dict, cur: dict) -> dict
             free[k] -= tp
             left[i] -= 1
     return out
-
-
-def _hints(m: cp_model.CpModel, solver: cp_model.CpSolver, z: dict) -> None:
-    m.ClearHints()
-    for var in z.values():
-        m.AddHint(var, solver.Value(var))
 
 
 def _empty(items: list[PackItem], pn: str, status: str, wall: float) -> PackResult:

@@ -429,6 +429,16 @@ class PlannerConfig:
             (guards against sampling noise of the trace).
         verify_requests: requests per model in the synthetic verification trace when no trace
             is given (built from the workload histograms).
+        model_max_islands: per-model cap on the number of islands (``{"ns/name": k}``, k >= 1):
+            island consolidation. Fewer islands mean fewer whole-replica roundings and
+            least-loaded pooling over more replicas of one island (which the per-replica capacity
+            model cannot credit); the outer loop searches it.
+        model_max_num_seqs, model_max_num_batched_tokens: per-model engine-limit overrides
+            (``{"ns/name": value}``), applied after the global ``max_num_seqs`` /
+            ``max_num_batched_tokens``; the outer loop searches them per model.
+        lp_hint: also build an LP-rounding starting point for CP-SAT island sizing (GLOP LP
+            relaxation, shares rounded, small islands emptied into slack) and hint the cheaper
+            of it and the greedy start; False = greedy start only.
     """
 
     inner_time_limit_s: float = 10.0
@@ -460,6 +470,10 @@ class PlannerConfig:
     verify_trim: bool = True
     verify_margin: float = 0.0
     verify_requests: int = 4000
+    model_max_islands: dict[str, int] = field(default_factory=dict)
+    model_max_num_seqs: dict[str, int] = field(default_factory=dict)
+    model_max_num_batched_tokens: dict[str, int] = field(default_factory=dict)
+    lp_hint: bool = True
 
     def __post_init__(self) -> None:
         if self.capacity_model not in ("analytic", "simulated"):
@@ -475,6 +489,10 @@ class PlannerConfig:
             raise PlannerInputError("PlannerConfig.share_steps must be >= 1")
         if self.num_workers < 1:
             raise PlannerInputError("PlannerConfig.num_workers must be >= 1")
+        for fname in ("model_max_islands", "model_max_num_seqs", "model_max_num_batched_tokens"):
+            for k, v in getattr(self, fname).items():
+                if int(v) < 1:
+                    raise PlannerInputError(f"PlannerConfig.{fname}[{k!r}] must be >= 1, got {v!r}")
 
     def with_(self, **kw: Any) -> PlannerConfig:
         """Copy with fields replaced."""
