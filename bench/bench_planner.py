@@ -10,15 +10,18 @@ Rows (every plan scored by the same simulator on the same traces):
 * ``<method> calibrated + repair``: capacities calibrated per (model, GPU, TP, bucket) in the
   simulator (``capacity_model="simulated"``) and verify-and-repair of per-model headroom against
   the traces (``verify=True``) -- the same procedure for the planner and every baseline;
-* ``BO + CP-SAT``: the structure search (:func:`~archipelago.decide.planner.outer.run_structure_search`,
-  qLogNEHVI per model) over per-model ``max_num_batched_tokens`` and island caps -- what verify-and-repair cannot search -- every candidate planned by CP-SAT on
-  calibrated capacities *with verify-and-repair* (warm-started at CP-SAT + repair's scales) and
-  scored in the simulator; the first candidate is CP-SAT + repair's own configuration. The
-  whole-plan simulations each method spent are reported;
+* ``BO + CP-SAT``: the per-model structure search (round 4,
+  :func:`~archipelago.decide.planner.outer.run_per_model_search`, qLogNEHVI per model) over
+  per-model ``max_num_batched_tokens`` and island caps -- what verify-and-repair cannot search.
+  Each candidate is judged for its model alone with the other models held fixed (their GPUs in
+  CP-SAT + repair's plan withheld; per-model verify-and-repair warm-started at CP-SAT + repair's
+  scale, scored on the model's trace); then every model's cheapest passing setting is combined
+  and checked by a joint CP-SAT + verify-and-repair; if that misses the target, CP-SAT + repair's
+  own plan is kept. The simulations each method spent are reported in single-model simulations;
 * LP lower bounds over all variants with the calibrated capacities (at the scales CP-SAT +
   repair settled on, and without headroom) -- bounds relative to those capacities.
 
-Usage: ``python bench/bench_planner.py [--window 1200] [--evals 12] [--json out.json]``.
+Usage: ``python bench/bench_planner.py [--window 1200] [--evals 5] [--bo-sims 150] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -38,7 +41,13 @@ from archipelago.decide.perf import EngineLimits
 from archipelago.decide.planner.baselines import lower_bound, run_baseline
 from archipelago.decide.planner.capacity import CapacityCache
 from archipelago.decide.planner.evaluate import score_plan
-from archipelago.decide.planner.outer import make_evaluator, run_structure_search, structure_space
+from archipelago.decide.planner.outer import (
+    make_combiner,
+    make_model_evaluator,
+    pool_slack,
+    run_per_model_search,
+    structure_space,
+)
 from archipelago.decide.planner.types import (
     FleetSnapshot,
     ModelRequest,
@@ -116,7 +125,10 @@ def scales_of(plan) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--window", type=float, default=1200.0, help="trace window, seconds")
-    ap.add_argument("--evals", type=int, default=14, help="BO evaluations (each = CP-SAT + repair + score)")
+    ap.add_argument("--evals", type=int, default=5,
+                    help="BO candidates per model (each = CP-SAT + repair of that model alone + score)")
+    ap.add_argument("--bo-sims", type=int, default=150,
+                    help="BO budget in single-model simulations (a whole-plan simulation of 3 models = 3)")
     ap.add_argument("--bo-seconds", type=float, default=220.0, help="BO wall-time budget, s")
     ap.add_argument("--verify-iters", type=int, default=8, help="verify-and-repair rounds per method")
     ap.add_argument("--ttft", type=float, default=3.0)
@@ -154,36 +166,49 @@ def main() -> None:
             sc = score_plan(pl, reqs, traces, fleet)
             r = row(f"{name} calibrated + repair", pl, sc, wall, slo)
             r["scales"] = scales_of(pl)
-            r["simulations"] = int(pl.params.get("verify_rounds", 0)) + 1
+            # single-model simulations: (repair rounds + final score) x models
+            r["simulations"] = (int(pl.params.get("verify_rounds", 0)) + 1) * len(reqs)
             rows.append(r)
+            if name == "cpsat":
+                cp_plan = (pl, sc)
         cp = next(r for r in rows if r["method"] == "cpsat calibrated + repair")
-        st.update("BO + CP-SAT")
-        ev = make_evaluator(fleet, reqs, traces, cal.with_(model_capacity_scale=cp["scales"]), seed=args.seed,
-                            cache=cache, repair=True)
         keys = [r.key for r in reqs]
+        st.update("BO + CP-SAT (per-model structure search)")
+        # pool slack of CP-SAT + repair's plan: models interact only through pool GPU limits
+        slack = pool_slack(fleet, cp_plan[0])
+        mev = make_model_evaluator(fleet, reqs, traces, cal.with_(model_capacity_scale=cp["scales"]),
+                                   reference=cp_plan[0], seed=args.seed, cache=cache)
+        comb = make_combiner(fleet, reqs, traces, cal, seed=args.seed, cache=cache)
         start = {}
         for k in keys:  # CP-SAT + repair's own configuration: vLLM limits of the requests, no island cap
             start.update({f"log2_mbt:{k}": 11.0, f"islands:{k}": 3.5})
-        # initial design: CP-SAT + repair's own point, then the two neighbouring chunk budgets for
-        # every model at once (one axis step each way; a per-model GP learns from each)
+        # initial design per model: CP-SAT + repair's own point, then the neighbouring chunk budgets
         design = [start] + [{**start, **{f"log2_mbt:{k}": e for k in keys}} for e in (12.0, 10.0)]
         t0 = time.perf_counter()
-        res = run_structure_search(ev, keys, space=structure_space(reqs, mns=None), max_evals=args.evals,
-                                   max_wall_s=args.bo_seconds, seed=args.seed, target=args.target,
-                                   initial=design, progress=lambda i, o: st.update(
-                                       f"BO eval {i}: ${o.cost_per_hour:.2f}/h attainment {o.attainment:.3f}"))
+        res = run_per_model_search(
+            mev, comb, keys, space=structure_space(reqs, mns=None), max_evals=args.evals,
+            max_sims=args.bo_sims, max_wall_s=args.bo_seconds, seed=args.seed, target=args.target,
+            initial=design, n_init=3, fallback=cp_plan,
+            progress=lambda k, i, o: st.update(f"BO eval {i} ({k}): ${o.cost_per_hour:.2f}/h "
+                                               f"attainment {o.attainment:.3f}"))
         bo_wall = time.perf_counter() - t0
-        bo_sims = sum(int(o.extra.get("simulations", 1)) for o in res.observations)
+        bo_sims = int(res.observations[0].extra.get("search_simulations", 0))
         if res.plan is not None:
             sc = score_plan(res.plan, reqs, traces, fleet)
-            r = row(f"BO + CP-SAT + repair ({res.evaluations} evals, {bo_sims} simulations)", res.plan, sc,
+            fell_back = bool(res.chosen.extra.get("fallback"))
+            r = row(f"BO + CP-SAT + repair (per-model search, {res.evaluations} evals"
+                    f"{', fell back to CP-SAT+repair' if fell_back else ''})", res.plan, sc,
                     bo_wall + cp["plan_s"], slo)
             r["evaluations"] = res.evaluations
             r["simulations"] = bo_sims + cp["simulations"]
             r["bo_params"] = res.chosen.params
-            r["observations"] = [{"params": o.params, "cost_per_hour": o.cost_per_hour, "attainment": o.attainment,
-                                  "per_model": o.extra.get("per_model"), "simulations": o.extra.get("simulations")}
-                                 for o in res.observations]
+            r["pool_slack"] = slack
+            r["per_model_observations"] = {
+                k: [{"params": o.params, "cost_per_hour": o.cost_per_hour, "attainment": o.attainment,
+                     "scale": o.extra.get("scale"), "simulations": o.extra.get("simulations")} for o in obs]
+                for k, obs in res.observations[0].extra["per_model_observations"].items()}
+            r["joint"] = [{"params": o.params, "cost_per_hour": o.cost_per_hour, "attainment": o.attainment,
+                           "fallback": bool(o.extra.get("fallback"))} for o in res.observations]
             rows.append(r)
         st.update("LP lower bounds")
         lb2 = lower_bound(fleet, reqs, cal.with_(verify=False, model_capacity_scale=cp["scales"]), cache=cache)
@@ -211,6 +236,16 @@ def main() -> None:
                   f(c / homog["cost_per_hour"], ".2f"),
                   f(c / mel["cost_per_hour"], ".2f"), f(c / lb2 if lb2 else math.nan, ".2f"))
     con.print(t)
+    con.print("sims = single-model simulations (repair rounds + scoring; one whole-plan simulation of the 3 "
+              "models counts 3)")
+    bo = next((r for r in rows if r["method"].startswith("BO")), None)
+    if bo is not None:
+        con.print("pool GPUs used by CP-SAT + repair / free: "
+                  + ", ".join(f"{k} {u}/{f}" for k, (u, f) in bo["pool_slack"].items()))
+        for k, obs in bo["per_model_observations"].items():
+            con.print(f"{k}: " + "; ".join(
+                f"mbt {2 ** round(o['params'][f'log2_mbt:{k}'])} isl {o['params'][f'islands:{k}']:.1f} "
+                f"${o['cost_per_hour']:.2f} a={o['attainment']:.3f}" for o in obs))
     con.print(f"simulator calibration of all {cache.misses} (variant, bucket) capacities: {calib_s:.1f} s "
               f"(cached, shared by every method); total bench {time.perf_counter() - t_start:.0f} s")
     con.print("[bold]Traces:[/bold]")

@@ -197,13 +197,80 @@ def plot(path: Path, plan: Plan, costs: dict[str, float]) -> None:
     plt.close(fig)
 
 
+def _structure_search(fleet: FleetSnapshot, reqs: list[ModelRequest], traces: dict[str, Any], cfg: PlannerConfig,
+                      *, bo_evals: int, bo_seconds: float, seed: int, status: Any) -> Plan:
+    """``--bo-evals``: CP-SAT + verify-and-repair, then the per-model BO structure search
+    (:func:`archipelago.decide.planner.outer.run_per_model_search`) from that plan, each model's
+    candidates judged with the other models held fixed; the chosen per-model plans, merged, get
+    their pods packed (or, if the search fell back to a joint plan, it is re-planned with pod
+    packing at the capacity scales that passed). Returns the plan with the search's
+    Pareto front and parameters; never worse than CP-SAT + repair (its plan is the fallback)."""
+    import dataclasses
+
+    from archipelago.decide.planner.evaluate import score_plan
+    from archipelago.decide.planner.islands import resolve_limits
+    from archipelago.decide.planner.outer import (
+        config_from_params,
+        make_combiner,
+        make_model_evaluator,
+        run_per_model_search,
+        structure_space,
+    )
+    from archipelago.decide.planner.planner import plan as run_plan
+
+    base = cfg.with_(verify=True)
+    status.update("CP-SAT + verify-and-repair (start of the structure search) ...")
+    cp = run_plan(fleet, reqs, None, base, traces=traces, pack_pods=False)
+    cp_score = score_plan(cp, reqs, traces, fleet, seed=seed)
+    scales = {k[6:]: float(v) for k, v in cp.params.items() if k.startswith("scale:")}
+    mev = make_model_evaluator(fleet, reqs, traces, base.with_(model_capacity_scale=scales), reference=cp,
+                               seed=seed)
+    comb = make_combiner(fleet, reqs, traces, base, seed=seed)
+    start: dict[str, float] = {}
+    for r in reqs:
+        start[f"log2_mbt:{r.key}"] = math.log2(max(1, int(resolve_limits(r, cfg).max_num_batched_tokens)))
+        start[f"islands:{r.key}"] = 3.5
+    res = run_per_model_search(
+        mev, comb, [r.key for r in reqs], space=structure_space(reqs, mns=None), max_evals=bo_evals,
+        max_wall_s=bo_seconds, seed=seed, preference=reqs[0].preference,
+        target={r.key: r.slo.attainment for r in reqs}, initial=[start], fallback=(cp, cp_score),
+        progress=lambda k, i, o: status.update(f"structure search {i} ({k}): ${o.cost_per_hour:.2f}/h, "
+                                               f"attainment {o.attainment:.3f}"))
+    if res.chosen is None or res.plan is None:
+        return cp
+    if res.plan.params.get("merged_per_model"):
+        # the per-model plans, merged: place their pods (re-solving jointly could split traffic differently)
+        from archipelago.decide.planner.packing import PackItem, pack
+
+        status.update("packing the chosen plan's pods ...")
+        prio = {r.key: r.priority for r in reqs}
+        items = [PackItem(i.id, i.pool, i.tp, i.replicas, prio.get(m.model, 0))
+                 for m in res.plan.models for i in m.islands]
+        packed = pack(fleet, items, cfg, None)
+        p = dataclasses.replace(res.plan, assignments=tuple(sorted(packed.assignments, key=lambda a: (a.island, a.pod))),
+                                unplaced_pods=packed.unplaced, stranded_gpus=packed.stranded_gpus)
+    else:
+        chosen_cfg = config_from_params(base, res.chosen.params)
+        final_scales = {k[6:]: float(v) for k, v in res.plan.params.items() if k.startswith("scale:")}
+        if final_scales:
+            chosen_cfg = chosen_cfg.with_(model_capacity_scale=final_scales)
+        status.update("re-planning the chosen point with pod packing ...")
+        p = run_plan(fleet, reqs, None, chosen_cfg.with_(verify=False))
+    params = dict(res.chosen.params)
+    params["bo_evaluations"] = float(res.evaluations)
+    params["bo_simulations"] = float(res.observations[0].extra.get("search_simulations", 0))
+    return dataclasses.replace(p, pareto=tuple(res.pareto), params=params)
+
+
 def plan_command(
     resources: list[Path] = typer.Argument(..., help="YAML files with GPUPool, ServingSLO, ModelDeployment objects"),
     trace: Path | None = typer.Option(None, help="trace file used as every model's workload (and for scoring)"),
     window: str | None = typer.Option(None, help="trace window START:END seconds"),
     rate_scale: float = typer.Option(1.0, help="multiply the trace's arrival rate"),
     baseline: str | None = typer.Option(None, help="homogeneous | melange | greedy instead of the planner"),
-    bo_evals: int = typer.Option(0, help="BoTorch outer-loop evaluations (needs --trace; 0 = inner loop only)"),
+    bo_evals: int = typer.Option(0, help="BoTorch structure-search candidates per model (per-model "
+                                 "max_num_batched_tokens and island cap, each with verify-and-repair; needs "
+                                 "--trace; 0 = inner loop only)"),
     bo_seconds: float = typer.Option(300.0, help="outer-loop wall-time budget, s"),
     headroom: float = typer.Option(0.0, help="fraction of modelled capacity kept free"),
     time_limit: float = typer.Option(10.0, help="CP-SAT time limit per solve, s"),
@@ -253,23 +320,8 @@ def plan_command(
                 console.print(f"[red]error:[/red] {e}")
                 raise typer.Exit(2) from None
         elif bo_evals > 0 and traces:
-            import dataclasses
-
-            from archipelago.decide.planner.outer import config_from_params, make_evaluator, run_outer_loop
-            from archipelago.decide.planner.planner import plan as run_plan
-
-            ev = make_evaluator(fleet, reqs, traces, cfg, seed=seed)
-            res = run_outer_loop(ev, max_evals=bo_evals, max_wall_s=bo_seconds, seed=seed,
-                                 preference=reqs[0].preference,
-                                 target=min(r.slo.attainment for r in reqs),
-                                 initial=[{"headroom": headroom, "ttft_scale": 1.0, "tpot_scale": 1.0,
-                                           "log2_max_num_seqs": 8.0, "log2_max_num_batched_tokens": 11.0}],
-                                 progress=lambda i, o: st.update(
-                                     f"outer loop {i}/{bo_evals}: ${o.cost_per_hour:.2f}/h, "
-                                     f"attainment {o.attainment:.3f}"))
-            cfg = config_from_params(cfg, res.chosen.params) if res.chosen else cfg
-            p = run_plan(fleet, reqs, None, cfg)
-            p = dataclasses.replace(p, pareto=tuple(res.pareto), params=res.chosen.params if res.chosen else {})
+            p = _structure_search(fleet, reqs, traces, cfg, bo_evals=bo_evals, bo_seconds=bo_seconds, seed=seed,
+                                  status=st)
         else:
             from archipelago.decide.planner.planner import plan as run_plan
 
