@@ -203,3 +203,30 @@ def test_churn_penalty_prefers_running_islands_on_ties():
     p1 = _plan(fl, [_req("ns/a", 14, 10.0, allowed_pools=("pm2",))])
     p2 = _plan(fl, [_req("ns/a", 14, 10.0)], current=CurrentPlacement.from_plan(p1))
     assert {i.pool for i in p2.islands} == {"pm2"}
+
+
+def test_replan_with_idle_models_and_a_current_placement() -> None:
+    """Regression: re-planning the samples when two models see zero load, warm-started from the
+    previous plan, used to raise KeyError in the LP-rounding start (a zero-rate bucket's share sat
+    on a variant that got no replicas). The operator hit it as soon as Prometheus reported 0 req/s."""
+    import dataclasses
+    from pathlib import Path
+
+    from archipelago.cli_plan import fleet_from_pools, load_resources, requests_from_resources
+    from archipelago.decide.planner import plan
+    from archipelago.decide.planner.types import CurrentPlacement
+
+    samples = sorted((Path(__file__).resolve().parents[1] / "manifests" / "samples").glob("*.yaml"))
+    pools, slos, mds = load_resources(samples)
+    fleet = fleet_from_pools(pools)
+    reqs = requests_from_resources(slos, mds, {})
+    first = plan(fleet, reqs)
+    idle = [
+        dataclasses.replace(r, workload=dataclasses.replace(r.workload, rate_rps=0.0 if "8b" not in r.key else 5.9))
+        for r in reqs
+    ]
+    second = plan(fleet, idle, current=CurrentPlacement.from_plan(first), previous=first)
+    served = {i.model for i in second.islands}
+    # replicas.min keeps idle models running; Mixtral's sample allows scale to zero (min 0)
+    assert {r.key for r in reqs if r.min_replicas >= 1} <= served
+    assert any(r.min_replicas == 0 for r in reqs)

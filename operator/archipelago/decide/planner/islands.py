@@ -823,9 +823,10 @@ def _lp_rounding(problem: Problem, x: dict, S: int, h: float, pool_cut: dict[str
     coef = {k: _load_coef(problem_variant(problem, k[2]), k[1], problem.models[k[0]].buckets[k[1]], h) for k in x}
     for _ in range(2):
         reps, _, _ = _start_from_shares(problem, xs, x, {}, S, h)
+        # shares of zero-rate buckets may sit on variants that got no replicas (zero load)
         ld = {iid: 0 for iid in reps}
         for k, q in xs.items():
-            ld[k[2]] += coef[k] * q
+            ld[k[2]] = ld.get(k[2], 0) + coef[k] * q
         slack = {iid: reps[iid] * MILLI * S - ld[iid] for iid in reps}
         order = sorted(reps, key=lambda iid: (problem_variant(problem, iid).price * reps[iid], iid))
         for iid in order:
