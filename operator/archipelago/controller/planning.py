@@ -275,7 +275,8 @@ class PlanningService:
     def planner_config(self) -> PlannerConfig:
         """The ``PlannerConfig`` for the fast loop (time limits from the operator configuration)."""
         t = self.cfg.plan_time_limit_s
-        return PlannerConfig(inner_time_limit_s=t, packing_time_limit_s=max(1.0, t / 2))
+        return PlannerConfig(inner_time_limit_s=t, packing_time_limit_s=max(1.0, t / 2),
+                             capacity_model=self.cfg.capacity_model)
 
     def decide_trigger(self, spec_fp: tuple, fleet_fp: tuple, loads: dict[str, float]) -> str:
         """Which trigger (if any) calls for a re-plan: ``initial``, ``spec``, ``nodes``, ``load``, ``retry``

@@ -79,6 +79,10 @@ class OperatorConfig:
         cooldown_s: minimum time between load-triggered re-plans (spec and node changes bypass it).
         load_hysteresis: relative change of a model's request rate that triggers a load re-plan (0.2 = 20 %).
         plan_time_limit_s: CP-SAT wall-clock limit of the fast inner loop per solve, seconds.
+        capacity_model: per-replica capacity the fast loop plans with: ``simulated`` (calibrated by
+            bisection in the discrete-event simulator, cached across plans; the analytic queueing
+            approximation alone over-promises 2-5x on bursty traffic, see docs/planner.md) or
+            ``analytic`` (faster, optimistic).
         bo_enabled: run the BoTorch outer loop in the background after a fast plan.
         bo_margin: adopt the BO plan when it is cheaper by at least this fraction (0.05 = 5 %).
         bo_time_budget_s: wall-clock budget of one BO run, seconds.
@@ -101,6 +105,7 @@ class OperatorConfig:
     cooldown_s: float = 120.0
     load_hysteresis: float = 0.2
     plan_time_limit_s: float = 10.0
+    capacity_model: str = "simulated"
     bo_enabled: bool = False
     bo_margin: float = 0.05
     bo_time_budget_s: float = 300.0
@@ -112,6 +117,8 @@ class OperatorConfig:
     metrics_namespace_label: str = "namespace"
 
     def __post_init__(self) -> None:
+        if self.capacity_model not in ("simulated", "analytic"):
+            raise ValueError(f"capacity_model: {self.capacity_model!r}; use simulated or analytic")
         if self.node_pinning not in ("preferred", "required", "none"):
             raise ValueError(f"node_pinning: {self.node_pinning!r}; use preferred, required or none")
         for name in ("metrics_window_s", "metrics_interval_s", "timer_interval_s", "plan_time_limit_s"):
