@@ -9,7 +9,7 @@ export ARCHIPELAGO_CACHE := $(CACHE)
 # This clone's package wins over whatever the shared venv has installed (see scripts/setup.sh).
 export PYTHONPATH := $(CURDIR)/operator
 
-.PHONY: help setup setup-python crds lint unit e2e test demo demo-down e2e-kind bench clean
+.PHONY: help setup setup-python crds lint unit e2e e2e-loop test demo demo-down e2e-kind bench clean
 
 help:
 	@echo "make demo   - main job: local control plane + demo GPU fleet (+ operator), shown with kubectl"
@@ -37,10 +37,13 @@ unit: setup-python
 	$(PY) scripts/pytest_strict.py tests
 
 e2e: setup
-	$(PY) scripts/pytest_strict.py e2e -m e2e
+	$(PY) scripts/pytest_strict.py e2e -m "not loop"
 
 test: setup lint
-	$(PY) scripts/pytest_strict.py tests e2e
+	$(PY) scripts/pytest_strict.py tests e2e -m "not loop"
+
+e2e-loop: setup
+	$(PY) scripts/pytest_strict.py e2e/test_loop.py -m loop
 
 demo: setup
 	$(PY) scripts/demo.py --fleet $(FLEET)

@@ -1,0 +1,281 @@
+"""The whole loop, end to end: real Prometheus scraping emulated engines, a replayed Azure trace, re-planning.
+
+One scenario on the local control plane (KWOK nodes, so the fleet emulator plays the engines):
+
+1. apply the GPU pools, the ``interactive`` ServingSLO and one ModelDeployment (Llama-3.1-8B, vLLM);
+   start Prometheus (file_sd over the fleet emulator's targets), the fleet emulator and the operator
+   (``--prometheus-url``; short metrics window and cooldown so the scenario fits in a few minutes);
+2. low load (conversation trace at a fraction of its rate): the operator plans from the measured
+   workload (``status.observed.source == prometheus``), a small fleet;
+3. load raised several-fold: within 2 minutes the operator scales out or moves to larger islands
+   (the plan's predicted $/h rises), and the SLO attainment measured by the replayer recovers;
+4. load dropped: after the cooldown the operator scales in, never below what the SLO needs
+   (attainment stays high), and its islands do not flap under the steady load;
+5. Prometheus stopped: last good plan kept (no Deployment changes, nothing at zero), Warning Event
+   and ``Degraded=True/PrometheusUnavailable``; Prometheus restarted: the condition clears.
+
+Trace: ``../shared/data/traces/AzureLLMInferenceTrace_conv.csv`` (Azure LLM inference trace,
+Patel et al., "Splitwise", ISCA 2024, CC-BY-4.0). Logs: ``<cluster work dir>/loop/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+import prometheus as prom
+from operator_fixtures import (
+    OperatorProcess,
+    apply_custom,
+    condition,
+    get_md,
+    load_samples,
+    our_deployments,
+    wait_for,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TRACE = REPO.parent / "shared" / "data" / "traces" / "AzureLLMInferenceTrace_conv.csv"
+MODEL = "llama-3-1-8b"
+#: phases of the replayed load: (seconds, rate scale of the conversation trace, ~5.4 req/s at 1x)
+LOW, HIGH = 0.3, 2.0
+COOLDOWN_S = 30
+OP_ARGS = ["--timer-interval", "2", "--cooldown", str(COOLDOWN_S), "--plan-time-limit", "5"]
+OP_ENV = {"ARCHIPELAGO_METRICS_WINDOW_S": "30", "ARCHIPELAGO_METRICS_INTERVAL_S": "5"}
+
+# Not part of `make test` yet: run with `make e2e-loop`. As of 2026-11-21 it FAILS at "attainment
+# recovers after the load rise" (the operator scales out within 2 minutes, but measured attainment
+# stays at 0.2-0.4 in the high phase); see the closing note of issue 6.
+pytestmark = [pytest.mark.loop,
+              pytest.mark.skipif(not TRACE.is_file(), reason=f"needs the Azure trace at {TRACE}")]
+
+
+class LoadThread:
+    """Runs a :class:`~archipelago.emulate.replay.Replayer` over a phased trace in a background thread."""
+
+    def __init__(self, kubeconfig: Path, ns: str, endpoints: Path, phases: list[tuple[float, float]],
+                 ttft_s: float, tpot_s: float) -> None:
+        from kubernetes import config
+
+        from archipelago.decide.sim import SLOTarget
+        from archipelago.decide.traces import load_azure_csv
+        from archipelago.emulate.replay import FileEndpoints, Replayer, phased_trace, routing_from_configmap
+
+        api = client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
+        trace = phased_trace(load_azure_csv(TRACE), phases, start_s=60.0)
+        self.windows: list = []
+        self.replayer = Replayer(trace, lambda: routing_from_configmap(api, ns, f"{MODEL}-routing"),
+                                 FileEndpoints(endpoints), slo=SLOTarget(ttft_s=ttft_s, tpot_s=tpot_s),
+                                 window_s=10.0, on_window=self.windows.append, timeout_s=120)
+        self.t0 = time.monotonic()
+        self.result = None
+        self.error: BaseException | None = None
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._stop = asyncio.Event()
+        try:
+            self.result = self._loop.run_until_complete(self.replayer.run(self._stop))
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            self.error = e
+
+    def start(self) -> LoadThread:
+        self.t0 = time.monotonic()
+        self.thread.start()
+        return self
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(60)
+
+    def attainment(self, since_s: float, until_s: float | None = None) -> float | None:
+        """Attainment over requests finished between ``since_s`` and ``until_s`` (replay seconds)."""
+        from archipelago.emulate.replay import summarize
+
+        recs = [r for r in self.replayer.records if r.status != "pending" and r.done_s >= since_s
+                and (until_s is None or r.done_s < until_s)]
+        return summarize(recs, self.replayer.slo)["attainment"] if recs else None
+
+
+def _gpus(md: dict) -> int:
+    plan = (md.get("status") or {}).get("plan") or {}
+    return sum(int(i["replicas"]) * int(i["tp"]) for i in plan.get("islands") or [])
+
+
+def _cost(md: dict) -> float:
+    """Predicted $/h of the current plan: the planner's measure of capacity bought (scale-out or a change
+    to larger islands both raise it; the planner minimises it subject to the SLO)."""
+    plan = (md.get("status") or {}).get("plan") or {}
+    return float((plan.get("predicted") or {}).get("dollarsPerHour") or 0.0)
+
+
+def _shape(md: dict) -> tuple:
+    """The islands of the current plan as sorted (gpu, tp, replicas)."""
+    plan = (md.get("status") or {}).get("plan") or {}
+    return tuple(sorted((i["gpu"], int(i["tp"]), int(i["replicas"])) for i in plan.get("islands") or []))
+
+
+def _plan_id(md: dict) -> str:
+    return ((md.get("status") or {}).get("plan") or {}).get("planId", "")
+
+
+@pytest.fixture(scope="module")
+def loop_env(cluster, api):
+    """Prometheus + fleet emulator + operator + a namespace with the pools, SLO and one model."""
+    work = cluster.work_dir / "loop"
+    work.mkdir(parents=True, exist_ok=True)
+    core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+    procs: dict[str, object] = {}
+    p = prom.start_prometheus(work, scrape_interval="2s")
+    procs["prometheus"] = p
+    fleet_log = open(work / "fleet-emulator.log", "ab")  # noqa: SIM115 - closed in teardown
+    fleet = subprocess.Popen(
+        [sys.executable, "-m", "archipelago.cli_emulate", "emulate-fleet", "--run-dir", str(work),
+         "--kubeconfig", str(cluster.kubeconfig), "--poll", "1"],
+        stdout=fleet_log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    op = OperatorProcess(cluster.kubeconfig, work, [*OP_ARGS, "--prometheus-url", p.url], env=OP_ENV)
+    ns = f"loop-{secrets.token_hex(3)}"
+    try:
+        op.start()
+        core.create_namespace({"metadata": {"name": ns}})
+        slo_doc = None
+        for obj in load_samples(ns):
+            if obj["kind"] == "GPUPool" or (obj["kind"] == "ServingSLO" and obj["metadata"]["name"] == "interactive"):
+                apply_custom(custom, obj)
+                if obj["kind"] == "ServingSLO":
+                    slo_doc = obj
+            elif obj["kind"] == "ModelDeployment" and obj["metadata"]["name"] == MODEL:
+                obj["spec"]["workloadHint"] = {"requestsPerSecond": 5.4 * LOW, "meanInputTokens": 1155,
+                                               "meanOutputTokens": 211}
+                obj["spec"]["engine"].pop("env", None)
+                apply_custom(custom, obj)
+        assert slo_doc is not None
+        yield {"core": core, "custom": custom, "apps": client.AppsV1Api(api), "ns": ns, "work": work,
+               "prom": p, "operator": op, "fleet": fleet, "slo": slo_doc["spec"], "kubeconfig": cluster.kubeconfig}
+    finally:
+        op.stop()
+        if fleet.poll() is None:
+            fleet.send_signal(signal.SIGTERM)
+            try:
+                fleet.wait(20)
+            except subprocess.TimeoutExpired:
+                fleet.kill()
+        fleet_log.close()
+        prom.stop_prometheus(work)
+        with contextlib.suppress(ApiException):
+            core.delete_namespace(ns)
+
+
+def _deployments(env) -> dict[str, int]:
+    return {d.metadata.name: int(d.spec.replicas or 0) for d in our_deployments(env["apps"], env["ns"], MODEL)}
+
+
+def test_load_driven_replanning(loop_env):
+    env = loop_env
+    custom, ns = env["custom"], env["ns"]
+    slo = env["slo"]
+    endpoints = env["work"] / "emulator" / "endpoints.json"
+    wait_for(lambda: _plan_id(get_md(custom, ns, MODEL)), 120, "a first plan from the workload hint")
+    wait_for(lambda: endpoints.is_file() and any(json.loads(endpoints.read_text())["services"].values()), 120,
+             "the fleet emulator serving the first pods")
+
+    phase = [(150, LOW), (150, HIGH), (COOLDOWN_S + 120, LOW)]
+    load = LoadThread(env["kubeconfig"], ns, endpoints, phase, slo["ttft"]["seconds"], slo["tpot"]["seconds"]).start()
+    history: list[tuple[float, float, int, tuple, str]] = []  # (elapsed, $/h, GPUs, islands, observed source)
+    t_out = t_in = late_high = att_low = None
+    try:
+        def sample():
+            md = get_md(custom, ns, MODEL)
+            obs = (md.get("status") or {}).get("observed") or {}
+            history.append((load.elapsed(), _cost(md), _gpus(md), _shape(md), obs.get("source", "")))
+            return md
+
+        # low load: the operator plans from Prometheus, not the hint
+        wait_for(lambda: sample() and history[-1][4] == "prometheus", 120, "observed.source == prometheus")
+        while load.elapsed() < 145:
+            sample()
+            time.sleep(2)
+        low_cost = history[-1][1]
+        assert low_cost > 0
+
+        # high load: scale out (or move to larger islands) within 2 minutes
+        wait_for(lambda: (lambda m: _cost(m) > low_cost * 1.05 and m)(sample()), 150 + 120 - load.elapsed(),
+                      f"scale-out above ${low_cost:.2f}/h within 2 minutes of the load increase")
+        t_out = load.elapsed() - 150
+        assert t_out <= 120, f"scaled out {t_out:.0f}s after the load increase"
+        while load.elapsed() < 300:
+            sample()
+            time.sleep(2)
+        high_cost = history[-1][1]
+        late_high = load.attainment(240, 300)
+        early_high = load.attainment(150, 190)
+        assert late_high is not None and late_high >= 0.8, f"attainment did not recover: {late_high}"
+        assert early_high is None or late_high >= early_high - 0.05
+
+        # load dropped: scale in after the cooldown, attainment stays up, no flapping at steady load
+        wait_for(lambda: _cost(sample()) < high_cost * 0.95, COOLDOWN_S + 150, "scale-in after the load drop")
+        t_in = [h for h in history if h[0] >= 300 and h[1] < high_cost * 0.95][0][0] - 300
+        steady_from = load.elapsed() + COOLDOWN_S
+        while load.elapsed() < 300 + COOLDOWN_S + 115:
+            sample()
+            time.sleep(2)
+        after = [h for h in history if h[0] >= steady_from]
+        changes = sum(1 for a, b in zip(after, after[1:], strict=False) if a[3] != b[3])
+        assert changes <= 1, f"islands changed {changes} times at steady low load: {after}"
+        att_low = load.attainment(300 + 20)
+        assert att_low is not None and att_low >= 0.9, f"scale-in went below SLO need: attainment {att_low}"
+    finally:
+        load.stop()
+        (env["work"] / "loop-history.json").write_text(json.dumps(
+            {"history": history, "t_out": t_out, "t_in": t_in,
+             "windows": [w.summary | {"end_s": w.end_s, "sent": w.sent} for w in load.windows]},
+            indent=1, default=str))
+    assert load.error is None, load.error
+    print(f"\nscale-out {t_out:.0f}s after the load increase, scale-in {t_in:.0f}s after the drop; $/h low "
+          f"{low_cost:.2f} -> high {high_cost:.2f} -> {history[-1][1]:.2f}; attainment end of high phase "
+          f"{late_high:.3f}, low phase {att_low:.3f}")
+
+
+def test_prometheus_outage_keeps_the_last_plan(loop_env):
+    env = loop_env
+    custom, core, ns = env["custom"], env["core"], env["ns"]
+    wait_for(lambda: _plan_id(get_md(custom, ns, MODEL)), 60, "a plan")
+    before = _deployments(env)
+    assert before and all(v > 0 for v in before.values())
+    plan_before = _plan_id(get_md(custom, ns, MODEL))
+    prom.stop_prometheus(env["work"])
+    try:
+        md = wait_for(lambda: (lambda m: (c := condition(m, "Degraded")) and c["status"] == "True"
+                               and c["reason"] == "PrometheusUnavailable" and m)(get_md(custom, ns, MODEL)),
+                      90, "Degraded=True/PrometheusUnavailable")
+        evs = core.list_namespaced_event(ns, field_selector=f"involvedObject.name={MODEL}").items
+        assert any(e.type == "Warning" and "Prometheus" in (e.reason + (e.message or "")) for e in evs), \
+            [(e.type, e.reason, e.message) for e in evs]
+        time.sleep(15)
+        assert _plan_id(get_md(custom, ns, MODEL)) == plan_before == _plan_id(md)
+        assert _deployments(env) == before
+    finally:
+        p = prom.start_prometheus(env["work"], scrape_interval="2s", port=env["prom"].port)
+        assert p.url == env["prom"].url
+    wait_for(lambda: (c := condition(get_md(custom, ns, MODEL), "Degraded")) and c["status"] == "False", 120,
+             "Degraded cleared after Prometheus returned")
+    assert all(v > 0 for v in _deployments(env).values())
