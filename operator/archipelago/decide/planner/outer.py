@@ -194,6 +194,16 @@ class OuterResult:
     wall_s: float
 
 
+def _pareto_points(loop: OuterLoop, chosen: Observation | None) -> list[ParetoPoint]:
+    """The loop's Pareto front as :class:`ParetoPoint`, the chosen observation flagged (and appended
+    when it is not on the front, e.g. a cheaper point that misses the attainment target)."""
+    pts = [ParetoPoint(o.cost_per_hour, o.attainment, o.power_w, o.params, chosen=o is chosen)
+           for o in loop.pareto()]
+    if chosen is not None and all(not p.chosen for p in pts):
+        pts.append(ParetoPoint(chosen.cost_per_hour, chosen.attainment, chosen.power_w, chosen.params, chosen=True))
+    return pts
+
+
 def run_outer_loop(evaluate: Callable[[dict[str, float]], tuple[Any, Any]], *, max_evals: int = 20,
                    max_wall_s: float = 300.0, seed: int = 0, preference: str = "cost", target: float = 0.99,
                    observations: list[Observation] | None = None, n_init: int = 6,
@@ -230,11 +240,7 @@ def run_outer_loop(evaluate: Callable[[dict[str, float]], tuple[Any, Any]], *, m
     pl = plans.get(id(ch)) if ch is not None else None
     if ch is not None and pl is None:
         pl, _ = evaluate(ch.params)
-    front = loop.pareto()
-    pts = [ParetoPoint(o.cost_per_hour, o.attainment, o.power_w, o.params, chosen=o is ch) for o in front]
-    if ch is not None and all(not p.chosen for p in pts):
-        pts.append(ParetoPoint(ch.cost_per_hour, ch.attainment, ch.power_w, ch.params, chosen=True))
-    return OuterResult(ch, pl, pts, loop.obs, evals, time.perf_counter() - t0)
+    return OuterResult(ch, pl, _pareto_points(loop, ch), loop.obs, evals, time.perf_counter() - t0)
 
 
 def space_for(requests: list[Any], per_model: bool = True) -> dict[str, tuple[float, float]]:
@@ -450,11 +456,7 @@ def run_structure_search(evaluate: Callable[[dict[str, float]], tuple[Any, Any]]
     pl = plans.get(id(ch)) if ch is not None else None
     if ch is not None and pl is None:
         pl, _ = evaluate(ch.params)
-    front = joint.pareto()
-    pts = [ParetoPoint(o.cost_per_hour, o.attainment, o.power_w, o.params, chosen=o is ch) for o in front]
-    if ch is not None and all(not p.chosen for p in pts):
-        pts.append(ParetoPoint(ch.cost_per_hour, ch.attainment, ch.power_w, ch.params, chosen=True))
-    return OuterResult(ch, pl, pts, joint.obs, evals, time.perf_counter() - t0)
+    return OuterResult(ch, pl, _pareto_points(joint, ch), joint.obs, evals, time.perf_counter() - t0)
 
 
 def _ask_new(loop: OuterLoop, seen: set, tries: int = 8) -> dict[str, float]:
@@ -743,11 +745,7 @@ def run_per_model_search(evaluate_model: Callable[[str, dict[str, float]], tuple
     for ob in joint.obs:
         ob.extra["per_model_observations"] = {k: loops[k].obs for k in keys}
         ob.extra["search_simulations"] = sims
-    front = joint.pareto()
-    pts = [ParetoPoint(x.cost_per_hour, x.attainment, x.power_w, x.params, chosen=x is ch) for x in front]
-    if ch is not None and all(not p.chosen for p in pts):
-        pts.append(ParetoPoint(ch.cost_per_hour, ch.attainment, ch.power_w, ch.params, chosen=True))
-    return OuterResult(ch, plans.get(id(ch)) if ch is not None else None, pts, joint.obs, evals,
+    return OuterResult(ch, plans.get(id(ch)) if ch is not None else None, _pareto_points(joint, ch), joint.obs, evals,
                        time.perf_counter() - t0)
 
 
