@@ -136,16 +136,62 @@ def test_fleet_emulator_serves_running_pods_and_forgets_deleted_ones(tmp_path) -
             ch = await fe.sync_once()
             assert not ch.stopped and len(fe.pods) == 2 and "listing pods failed" in logs[-1]
             api.fail = False
-            # p1 deleted: its engine stops and its target disappears
+            # p1 deleted: it leaves the endpoints and targets at once; its idle engine stops
             api.pods = api.pods[1:]
             ch = await fe.sync_once()
             assert ch.stopped == ["llm/p1"]
             assert not (targets / "emu-llm-p1.json").exists() and (targets / "emu-llm-p2.json").exists()
+            assert addr[0] not in read_endpoints(epfile)[svc]
+            for _ in range(40):
+                if not fe._draining:  # noqa: SLF001
+                    break
+                await asyncio.sleep(0.05)
             with pytest.raises(aiohttp.ClientError):
                 async with s.get(f"http://{addr[0]}/health") as r:
                     pass
         await fe.close()
         assert not list(targets.glob("*.json"))
         assert read_endpoints(epfile) == {svc: []}
+
+    asyncio.run(go())
+
+
+def test_a_deleted_pod_finishes_its_requests_in_flight_then_stops(tmp_path) -> None:
+    """Graceful termination: new requests go elsewhere at once, the ones in flight complete."""
+    isl = _island()
+    api = FakeCoreV1()
+    api.services = [build_island_service(isl, None)]
+    logs: list[str] = []
+    fe = FleetEmulator(api, tmp_path / "targets", endpoints_file=tmp_path / "ep.json", log=logs.append,
+                       speedup=10.0, grace_s=30.0)
+
+    async def go():
+        api.pods = [_pod(isl, "p1")]
+        await fe.sync_once()
+        addr = next(iter(fe.pods.values())).address
+        async with aiohttp.ClientSession() as s:
+            body = {"prompt": "hi", "max_tokens": 300, "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            async with s.post(f"http://{addr}/v1/completions", json=body) as r:
+                assert r.status == 200
+                first = await r.content.readline()
+                assert first.startswith(b"data:")
+                api.pods = []
+                ch = await fe.sync_once()  # the pod is deleted while the request streams
+                assert ch.stopped == ["llm/p1"] and fe.endpoints()["services"][f"{isl.name}.llm.svc"] == []
+                rest = await r.read()
+            assert rest.rstrip().endswith(b"data: [DONE]")
+            text = first + rest
+            usage = [json.loads(x[5:]) for x in text.split(b"\n") if x.startswith(b"data: {") and b'"usage"' in x]
+            assert usage and usage[-1]["usage"]["completion_tokens"] == 300
+            for _ in range(40):
+                if not fe._draining:  # noqa: SLF001
+                    break
+                await asyncio.sleep(0.05)
+            assert not fe._draining and "aborted" not in logs[-1]  # noqa: SLF001
+            with pytest.raises(aiohttp.ClientError):
+                async with s.get(f"http://{addr}/health") as r:
+                    pass
+        await fe.close()
 
     asyncio.run(go())

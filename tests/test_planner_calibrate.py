@@ -13,6 +13,7 @@ from archipelago.decide.planner.calibrate import (
     bucket_sample,
     output_shape,
     per_replica_cv,
+    saturation_rate,
     simulated_capacity,
 )
 from archipelago.decide.planner.capacity import Bucket, CapacityCache, replica_capacity
@@ -97,6 +98,42 @@ def test_simulated_capacity_meets_the_slo_at_capacity_and_fails_well_above(llama
     x1 = calibrated_capacity(cache, ("m", "L4", 1), perf, lim, b, slo, **kw)
     x2 = calibrated_capacity(cache, ("m", "L4", 1), perf, lim, b, slo, **kw)
     assert x1 is x2 and cache.hits == 1 and cache.misses == 1 and x1.rate_rps == c.rate_rps
+
+
+def test_calibrated_capacity_stays_stable_over_a_long_horizon():
+    """Regression (issue 6 loop): without the saturation cap, a Llama-3.1-8B H100 replica was calibrated at
+    6.4 req/s for 1024-2048-token prompts with ~380-token answers -- above its saturation throughput
+    (max_num_seqs 256 full), so it passed 600 requests but ran away over 10 minutes. With the cap, a
+    10-minute Poisson run at the capacity meets the SLO, and the uncapped bisection is shown to over-promise."""
+    from archipelago.decide import sim
+    from archipelago.decide.catalog import load_gpu_catalog, load_model_catalog
+    from archipelago.decide.perf import EngineLimits, PerfModel
+    from archipelago.decide.traces import Trace
+
+    lim = EngineLimits(max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=16384)
+    perf = PerfModel(load_model_catalog().get("meta-llama/Llama-3.1-8B-Instruct"),
+                     load_gpu_catalog().get("H100-SXM"), 1, lim)
+    slo = sim.SLOTarget(ttft_s=1.0, tpot_s=0.1, ttft_percentile=0.9, tpot_percentile=0.9, attainment=0.9)
+    b = Bucket(1024, 2048, 1160, 380, 1.0, 1.0)
+    shape = output_shape(Workload(rate_rps=1.0, input_mean=1160, output_mean=380, output_p90=900))
+    a = replica_capacity(perf, b, ttft_s=1.0, tpot_s=0.1, ttft_pct=0.9, tpot_pct=0.9, budget=8192)
+    capped = simulated_capacity(perf, lim, b, slo, analytic=a, out_shape=shape)
+    uncapped = simulated_capacity(perf, lim, b, slo, analytic=a, out_shape=shape, max_utilization=1.0)
+    mu = saturation_rate(perf, lim, b, shape, offered_rps=2 * uncapped.rate_rps)
+    assert capped.binding == "saturation" and capped.rate_rps == pytest.approx(0.85 * mu)
+    assert capped.rate_rps < uncapped.rate_rps < 1.5 * mu  # measured under overload: below the offered 2x
+
+    def long_run(lam: float) -> bool:
+        gaps, inp, out = bucket_sample(b, shape, 1.0, int(lam * 700), seed=11)
+        t = np.cumsum(gaps) / lam
+        keep = t < 600.0
+        tr = Trace(arrival_s=t[keep], input_tokens=inp[keep], output_tokens=out[keep])
+        r = sim.simulate(tr, [sim.ReplicaSpec("x", perf, 1.0, lim)], sim.RoundRobin(), slo, seed=0,
+                         record_timeseries=False)
+        return bool(r.slo_met)
+
+    assert long_run(capped.rate_rps)
+    assert not long_run(uncapped.rate_rps)
 
 
 def test_idle_unattainable_bucket_stays_at_zero(llama_l4):

@@ -18,7 +18,10 @@ in the current asyncio loop:
   written to a JSON file and served on ``GET /endpoints`` of an optional admin port, for the trace
   replayer (Services select pods by labels, exactly as kube-proxy would).
 
-Pods that stop running or disappear stop being served and their target file is removed. Pods whose
+Pods that stop running or disappear leave the endpoint map and Prometheus' targets at once, and
+their engine finishes the requests it holds for up to ``grace_s`` seconds before it stops (as a
+pod's ``terminationGracePeriodSeconds``: kube-proxy stops sending new connections to a terminating
+pod while the server drains). Pods whose
 engine cannot start (model does not fit, unknown GPU) are reported once and skipped, as a real engine
 would crash-loop.
 """
@@ -265,18 +268,22 @@ class FleetEmulator:
         admin_port: serve ``GET /endpoints`` and ``GET /pods`` here (None: no admin server; 0: any port).
         models_path / gpus_path: catalogue files (default: the policies directory).
         log: callable taking one line of text (default ``print``).
+        grace_s: seconds an engine whose pod went away keeps serving its in-flight requests (>= 0;
+            Kubernetes' default ``terminationGracePeriodSeconds`` is 30).
 
     Raises:
-        ValueError: ``poll_s`` <= 0 or ``speedup`` <= 0.
+        ValueError: ``poll_s`` <= 0, ``speedup`` <= 0 or ``grace_s`` < 0.
     """
 
     def __init__(self, core_api: Any, targets_dir: str | os.PathLike, *, endpoints_file: str | os.PathLike | None = None,
                  namespace: str | None = None, selector: str = MANAGED_SELECTOR, host: str = "127.0.0.1",
                  speedup: float = 1.0, poll_s: float = 2.0, admin_port: int | None = None,
                  models_path: str | Path | None = None, gpus_path: str | Path | None = None,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, grace_s: float = 30.0) -> None:
         if not poll_s > 0:
             raise ValueError(f"poll_s must be > 0 seconds, got {poll_s}")
+        if not grace_s >= 0:
+            raise ValueError(f"grace_s must be >= 0 seconds, got {grace_s}")
         if not speedup > 0:
             raise ValueError(f"speedup must be > 0, got {speedup}")
         self.api = core_api
@@ -291,7 +298,9 @@ class FleetEmulator:
         self.models_path = models_path
         self.gpus_path = gpus_path
         self.log = log
+        self.grace_s = float(grace_s)
         self.pods: dict[str, EmulatedPod] = {}  # by uid
+        self._draining: dict[str, asyncio.Task] = {}  # uid -> task stopping a departed pod's engine
         self._failed: dict[str, str] = {}  # uid -> reason
         self._node_labels: dict[str, dict[str, str]] = {}
         self._services: list[dict[str, Any]] = []
@@ -347,8 +356,11 @@ class FleetEmulator:
                 want[_meta(pod).get("uid") or pod_key(pod)] = pod
         for uid in list(self.pods):
             if uid not in want:
-                await self._stop_pod(uid)
-                change.stopped.append(self.pods.pop(uid).key if uid in self.pods else uid)
+                ep = self.pods.pop(uid)
+                with contextlib.suppress(FileNotFoundError):
+                    ep.target_file.unlink()
+                self._draining[uid] = asyncio.get_running_loop().create_task(self._drain(ep))
+                change.stopped.append(ep.key)
         new_nodes = {(p.get("spec") or {}).get("nodeName") for p in want.values()} - set(self._node_labels)
         if new_nodes:
             try:
@@ -390,6 +402,20 @@ class FleetEmulator:
             ep.target_file.unlink()
         await ep.engine.stop()
         self.log(f"fleet emulator: stopped {ep.key} ({ep.address})")
+
+    async def _drain(self, ep: EmulatedPod) -> None:
+        """Stop a departed pod's engine once it holds no request, or after ``grace_s`` seconds (or when
+        the fleet emulator closes)."""
+        t_end = time.monotonic() + self.grace_s
+        try:
+            while ep.engine.scheduler.has_work() and time.monotonic() < t_end:
+                await asyncio.sleep(0.25)
+        finally:
+            left = ep.engine.scheduler.num_running + ep.engine.scheduler.num_waiting
+            await ep.engine.stop()
+            self._draining.pop(ep.uid, None)
+            self.log(f"fleet emulator: stopped {ep.key} ({ep.address})"
+                     + (f", aborted {left} requests in flight" if left else ""))
 
     # -- endpoint map ---------------------------------------------------------------------------
 
@@ -448,6 +474,11 @@ class FleetEmulator:
         for uid in list(self.pods):
             await self._stop_pod(uid)
             self.pods.pop(uid, None)
+        for task in list(self._draining.values()):
+            task.cancel()
+        for ep_task in list(self._draining.values()):
+            with contextlib.suppress(asyncio.CancelledError):
+                await ep_task
         self._write_endpoints()
         if self._runner is not None:
             await self._runner.cleanup()

@@ -27,6 +27,17 @@ Method, for one (variant, bucket):
    (``SimResult.slo_met``). The bracket starts at the analytic capacity (grown x1.6 / shrunk
    x0.6 until it brackets), then geometric bisection until ``hi/lo <= 1 + rel_tol`` or
    ``max_sims`` simulations. The capacity is the largest passing rate.
+3. **Cap at a utilisation of the sustained throughput**: the largest passing rate is capped at
+   ``max_utilization`` x the replica's sustained throughput for the bucket
+   (:func:`saturation_rate`, measured in an overloaded simulation after a warm-up). A replica
+   that starts empty first fills its batch (up to ``max_num_seqs``) without queueing, so a
+   600-request bisection run is mostly start-up transient and passes rates above saturation: an
+   H100 replica of Llama-3.1-8B (1,024-2,048-token prompts, ~380-token answers) "passed"
+   6.4 req/s, yet sustains only ~5.2-5.5 req/s and over 600 s at 6.4 req/s its TTFT p90 was 52 s. The cap
+   also keeps a replica that mixes buckets stable: the planner adds per-bucket loads
+   ``rate_b / cap_b`` linearly, and with ``cap_b <= u * mu_b`` the mix stays at or below
+   utilisation ``u`` of its saturation throughput (Kingman: waiting time grows as
+   ``rho / (1 - rho)``, so a margin below 1 is needed for a bounded TTFT).
 
 Bounded: at most ``max_sims`` simulations of ``n`` requests each (~5-20 ms each for 600
 requests on this machine). Cached by (model, GPU, TP, limits, bucket statistics, output shape,
@@ -129,7 +140,8 @@ def bucket_sample(b: Bucket, out_shape: tuple[float, ...], cv: float, n: int, se
 def simulated_capacity(perf: Any, limits: Any, b: Bucket, slo: Any, *, analytic: Capacity,
                        out_shape: tuple[float, ...], cv: float = 1.0, n_requests: int = 600,
                        max_sims: int = 12, rel_tol: float = 0.05, seed: int = 0,
-                       min_span_s: float = 60.0, max_requests: int = 8000) -> Capacity:
+                       min_span_s: float = 60.0, max_requests: int = 8000,
+                       max_utilization: float = 0.85) -> Capacity:
     """Largest rate (req/s) at which one replica (``perf``, engine ``limits``) serving bucket
     ``b`` meets ``slo`` (a ``sim.SLOTarget``) in the simulator; see the module docstring.
 
@@ -142,11 +154,14 @@ def simulated_capacity(perf: Any, limits: Any, b: Bucket, slo: Any, *, analytic:
             ``min(max_requests, max(n_requests, lam * min_span_s))`` requests of one sample, so
             that it covers at least ``min_span_s`` seconds (steady state, not the start-up
             transient) -- prefixes of one sample keep the common random numbers.
+        max_utilization: cap as a fraction of :func:`saturation_rate` (step 3 of the module
+            docstring); ``>= 1`` disables the cap.
 
     Returns:
         :class:`Capacity` with ``binding`` one of ``ttft``, ``tpot``, ``attainment``, ``kv``
-        (preemptions seen at the failing rate), ``memory`` (requests rejected), or
-        ``sim-idle`` (the SLO fails at 1 % of the analytic capacity); ``at_capacity`` holds the
+        (preemptions seen at the failing rate), ``memory`` (requests rejected), ``saturation``
+        (capped at ``max_utilization`` of the saturation throughput), or ``sim-idle`` (the SLO
+        fails at 1 % of the analytic capacity); ``at_capacity`` holds the
         simulated percentiles at the capacity (``tau_s``/``rho`` are NaN: not simulated).
     """
     from archipelago.decide import sim
@@ -215,7 +230,56 @@ def simulated_capacity(perf: Any, limits: Any, b: Bucket, slo: Any, *, analytic:
         return Capacity(0.0, "sim-idle", analytic.idle_ttft_s, analytic.idle_tpot_s, None)
     if not math.isfinite(hi_lam):
         binding = "bracket"  # passed up to the last rate tried within max_sims
-    return Capacity(lo_lam, binding, analytic.idle_ttft_s, analytic.idle_tpot_s, best)
+    rate = lo_lam
+    mu = (saturation_rate(perf, limits, b, out_shape, offered_rps=2.0 * lo_lam, max_requests=max_requests, seed=seed)
+          if max_utilization < 1.0 else math.inf)
+    if rate > max_utilization * mu:
+        rate, binding = max_utilization * mu, "saturation"
+    return Capacity(rate, binding, analytic.idle_ttft_s, analytic.idle_tpot_s, best)
+
+
+def saturation_rate(perf: Any, limits: Any, b: Bucket, out_shape: tuple[float, ...], *, offered_rps: float,
+                    span_s: float = 600.0, max_requests: int = 8000, seed: int = 0) -> float:
+    """Sustained throughput (req/s) of one replica serving bucket ``b`` in the simulator, measured
+    under overload.
+
+    Poisson arrivals of :func:`bucket_sample` at ``offered_rps`` (choose it above the throughput to
+    measure, e.g. twice the rate the SLO bisection passed) for ``span_s`` seconds (shortened so at
+    most ``max_requests`` arrive). Output tokens generated in the last two thirds of the span are
+    counted (each request's ``output - 1`` decode tokens spread evenly between its first and last
+    token), divided by the window and by the sample's mean decode tokens per request: the first
+    third is a warm-up, because a replica that starts empty runs with a batch of short, young
+    requests that completes faster than the length-biased batch of a long run (a burst of 1,024
+    requests overstated it by ~25 %). Counting tokens rather than completions avoids the same bias.
+
+    Returns ``min(offered_rps, sustained rate)`` in req/s (``inf`` when nothing could be measured).
+    """
+    from archipelago.decide import sim
+    from archipelago.decide.traces import Trace
+
+    if not offered_rps > 0:
+        return math.inf
+    span = min(span_s, max_requests / offered_rps)
+    n = int(math.ceil(offered_rps * span * 1.2)) + 16
+    gaps, inp, out = bucket_sample(b, out_shape, 1.0, n, seed)
+    t = np.cumsum(gaps) / offered_rps
+    keep = t < span
+    tr = Trace(arrival_s=t[keep], input_tokens=inp[keep], output_tokens=out[keep], source="saturation")
+    if len(tr.arrival_s) < 8:
+        return math.inf
+    spec = sim.ReplicaSpec(island="saturation", perf=perf, price_per_hour=1.0, limits=limits)
+    r = sim.simulate(tr, [spec], sim.RoundRobin(), None, seed=seed, record_timeseries=False)
+    ok = np.isfinite(r.e2e_s) & np.isfinite(r.ttft_s)
+    decode = np.maximum(0.0, tr.output_tokens.astype(float) - 1.0)
+    if not ok.any() or decode.mean() <= 0:
+        return math.inf
+    first, last = (tr.arrival_s + r.ttft_s)[ok], (tr.arrival_s + r.e2e_s)[ok]
+    t1, t2 = span / 3.0, span
+    overlap = np.clip(np.minimum(last, t2) - np.maximum(first, t1), 0.0, None) / np.maximum(last - first, 1e-9)
+    tokens = float((decode[ok] * overlap).sum())
+    if tokens <= 0:
+        return math.inf
+    return min(offered_rps, tokens / (t2 - t1) / float(decode.mean()))
 
 
 def _pkey(q: float) -> str:
@@ -232,12 +296,12 @@ def _quantile(x: np.ndarray, q: float, given: float | None) -> float:
 
 def calibrated_capacity(cache: CapacityCache, key: Any, perf: Any, limits: Any, b: Bucket, slo: Any, *,
                         analytic: Capacity, out_shape: tuple[float, ...], cv: float, n_requests: int,
-                        max_sims: int, rel_tol: float, seed: int) -> Capacity:
+                        max_sims: int, rel_tol: float, seed: int, max_utilization: float = 0.85) -> Capacity:
     """:func:`simulated_capacity` memoised in ``cache`` under ``key`` (model, GPU, TP, limits)
     plus the bucket statistics, output shape, cv, SLO and calibration settings."""
     k = ("sim", key, b.lo, b.hi, round(b.mean_in, 1), round(b.mean_out, 1), hash(out_shape), round(cv, 2),
          slo.ttft_s, slo.tpot_s, slo.ttft_percentile, slo.tpot_percentile, slo.attainment,
-         n_requests, max_sims, rel_tol, seed, round(analytic.rate_rps, 6))
+         n_requests, max_sims, rel_tol, seed, round(analytic.rate_rps, 6), max_utilization)
     return cache.get_or(k, lambda: simulated_capacity(
         perf, limits, b, slo, analytic=analytic, out_shape=out_shape, cv=cv, n_requests=n_requests,
-        max_sims=max_sims, rel_tol=rel_tol, seed=seed))
+        max_sims=max_sims, rel_tol=rel_tol, seed=seed, max_utilization=max_utilization))

@@ -318,7 +318,8 @@ def _calibrate(mp: ModelProblem, config: PlannerConfig, cache: CapacityCache, tt
             cv = per_replica_cv(req.workload.arrival_cv, raw.rate_rps / rate)
             c = calibrated_capacity(cache, key, v.perf, v.limits, b, slo, analytic=raw, out_shape=shape,
                                     cv=cv, n_requests=config.calib_requests, max_sims=config.calib_max_sims,
-                                    rel_tol=config.calib_rel_tol, seed=config.calib_seed)
+                                    rel_tol=config.calib_rel_tol, seed=config.calib_seed,
+                                    max_utilization=config.calib_max_utilization)
             caps.append(Capacity(c.rate_rps * v.scale, c.binding, c.idle_ttft_s, c.idle_tpot_s, c.at_capacity))
         v.caps = caps
         v.calibrated = True

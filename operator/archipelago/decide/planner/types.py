@@ -420,6 +420,9 @@ class PlannerConfig:
         calib_max_sims: simulations per (variant, bucket) calibration (bounds its time).
         calib_rel_tol: relative width at which the rate bisection stops.
         calib_seed: seed of the calibration samples (common random numbers across rates).
+        calib_max_utilization: calibrated capacities never exceed this fraction of the replica's
+            simulated saturation throughput (:func:`.calibrate.saturation_rate`; finite-horizon
+            simulations cannot see a queue that grows slowly near saturation); 1 disables the cap.
         verify: after CP-SAT, score the plan in the simulator and repair per-model headroom
             until every model meets its attainment target (:mod:`.repair`); off by default.
         verify_max_iters: at most this many plan + simulate rounds in verify-and-repair.
@@ -465,6 +468,7 @@ class PlannerConfig:
     calib_max_sims: int = 12
     calib_rel_tol: float = 0.05
     calib_seed: int = 0
+    calib_max_utilization: float = 0.85
     verify: bool = False
     verify_max_iters: int = 6
     verify_trim: bool = True
@@ -481,6 +485,9 @@ class PlannerConfig:
                                     f"got {self.capacity_model!r}")
         if self.calib_requests < 50 or self.calib_max_sims < 3:
             raise PlannerInputError("PlannerConfig.calib_requests must be >= 50 and calib_max_sims >= 3")
+        if not 0.1 <= self.calib_max_utilization <= 1.0:
+            raise PlannerInputError("PlannerConfig.calib_max_utilization must be in [0.1, 1], "
+                                    f"got {self.calib_max_utilization}")
         if self.verify_max_iters < 1:
             raise PlannerInputError("PlannerConfig.verify_max_iters must be >= 1")
         if not (-0.5 < self.headroom < 0.95):
