@@ -41,6 +41,8 @@ from operator_fixtures import (
 
 MODELS = ("llama-3-1-8b", "llama-3-1-70b", "mixtral-8x7b")
 OP_ARGS = ["--timer-interval", "2", "--cooldown", "10", "--plan-time-limit", "10"]
+#: short drain after a routing switch (default 30 s), so rollouts complete quickly here
+OP_ENV = {"ARCHIPELAGO_DRAIN_S": "2"}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def k8s(api):
 
 @pytest.fixture(scope="module")
 def operator(cluster):
-    op = OperatorProcess(cluster.kubeconfig, cluster.work_dir / "operator-logs", OP_ARGS)
+    op = OperatorProcess(cluster.kubeconfig, cluster.work_dir / "operator-logs", OP_ARGS, env=OP_ENV)
     try:
         op.start()
     except RuntimeError as e:
@@ -393,7 +395,7 @@ def test_install_manifests_and_run_with_their_rbac(k8s, cluster, operator):
     assert out.returncode == 0, out.stderr
     kc = service_account_kubeconfig(cluster.kubectl, cluster.kubeconfig, "archipelago-system", "archipelago-operator",
                                     cluster.work_dir / "sa-kubeconfig")
-    op = OperatorProcess(kc, cluster.work_dir / "operator-logs", OP_ARGS, standalone=False)
+    op = OperatorProcess(kc, cluster.work_dir / "operator-logs", OP_ARGS, standalone=False, env=OP_ENV)
     core, custom = k8s["core"], k8s["custom"]
     name = f"rbac-{secrets.token_hex(3)}"
     core.create_namespace({"metadata": {"name": name}})

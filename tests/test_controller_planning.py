@@ -80,15 +80,75 @@ def test_spec_and_node_changes_replan_immediately() -> None:
     assert o.trigger == "nodes" and len(p.calls) == 3
 
 
-def test_load_change_needs_hysteresis_and_cooldown() -> None:
-    s, p, c = svc()
-    s.ensure_plan(fleet(), fp(fleet()), [req(5)], CurrentPlacement())
+def test_load_rise_replans_at_once_and_fall_needs_hysteresis_and_cooldown() -> None:
+    s, p, c = svc(scale_down_window_s=0)
+    s.ensure_plan(fleet(), fp(fleet()), [req(50)], CurrentPlacement())
     c.t += 10
-    assert not s.ensure_plan(fleet(), fp(fleet()), [req(50)], CurrentPlacement()).replanned  # cooldown
-    c.t += 60
-    assert not s.ensure_plan(fleet(), fp(fleet()), [req(5.5)], CurrentPlacement()).replanned  # within 20 %
-    o = s.ensure_plan(fleet(), fp(fleet()), [req(7)], CurrentPlacement())
-    assert o.replanned and o.trigger == "load" and len(p.calls) == 2
+    assert not s.ensure_plan(fleet(), fp(fleet()), [req(5)], CurrentPlacement()).replanned  # fall: cooldown
+    assert not s.ensure_plan(fleet(), fp(fleet()), [req(55)], CurrentPlacement()).replanned  # rise within 20 %
+    o = s.ensure_plan(fleet(), fp(fleet()), [req(70)], CurrentPlacement())  # rise > 20 %: no cooldown
+    assert o.replanned and o.trigger == "load-up" and len(p.calls) == 2
+    c.t += 61
+    assert not s.ensure_plan(fleet(), fp(fleet()), [req(60)], CurrentPlacement()).replanned  # within 20 %
+    o = s.ensure_plan(fleet(), fp(fleet()), [req(40)], CurrentPlacement())
+    assert o.replanned and o.trigger == "load" and len(p.calls) == 3
+
+
+def test_scale_down_waits_for_the_stabilization_window_and_noise_does_not_replan() -> None:
+    s, p, c = svc(scale_down_window_s=300)
+    s.ensure_plan(fleet(), fp(fleet()), [req(5)], CurrentPlacement())
+    c.t += 61
+    o = s.ensure_plan(fleet(), fp(fleet()), [req(10)], CurrentPlacement())  # a rise: planned at once
+    assert o.trigger == "load-up" and p.calls[-1]["models"][0].workload.rate_rps == 10
+    t_rise = c.t
+    for k, rate in enumerate([7.0, 9.0, 6.5, 8.0, 7.5] * 8):  # noisy, lower: still planned for the peak
+        c.t += 6
+        o = s.ensure_plan(fleet(), fp(fleet()), [req(rate)], CurrentPlacement())
+        assert not o.replanned, (k, rate)
+    assert c.t - t_rise == 240 and len(p.calls) == 2
+    c.t = t_rise + 301  # the 10 req/s peak left the window; the noisy samples since t_rise + 6 have not
+    o = s.ensure_plan(fleet(), fp(fleet()), [req(5)], CurrentPlacement())
+    assert not o.replanned  # planned for their peak, 9 req/s: within the 20 % hysteresis of 10
+    c.t = t_rise + 240 + 301  # low for a whole window: planned for what it is now
+    o = s.ensure_plan(fleet(), fp(fleet()), [req(5)], CurrentPlacement())
+    assert o.trigger == "load" and p.calls[-1]["models"][0].workload.rate_rps == 5
+    # a spec change starts the history afresh
+    o = s.ensure_plan(fleet(), fp(fleet()), [req(3, tp=(1,))], CurrentPlacement())
+    assert o.trigger == "spec" and p.calls[-1]["models"][0].workload.rate_rps == 3
+
+
+class _StepPlan:
+    """Fake plan whose decision (``plan_id``) only changes per 10 req/s step of the load."""
+
+    def __init__(self, rate: float) -> None:
+        self.plan_id = f"step-{int(rate // 10)}"
+        self.cost_per_hour, self.gpus, self.feasible, self.infeasibilities = rate, 1, True, ()
+        self.models, self.assignments = (), ()
+
+    def model(self, key):
+        return None
+
+
+def test_a_load_replan_that_keeps_the_plan_does_not_restart_the_cooldown() -> None:
+    calls = []
+
+    def planner(fleet, models, current, config, previous):
+        calls.append(models[0].workload.rate_rps)
+        return _StepPlan(models[0].workload.rate_rps)
+
+    c = Clock()
+    s = PlanningService(OperatorConfig(cooldown_s=60, load_hysteresis=0.2, scale_down_window_s=0), plan_fn=planner,
+                        clock=c)
+    s.ensure_plan(fleet(), fp(fleet()), [req(29)], CurrentPlacement())  # plan step-2
+    c.t += 61
+    assert s.ensure_plan(fleet(), fp(fleet()), [req(22)], CurrentPlacement()).trigger == "load"  # still step-2
+    c.t += 5  # the load keeps falling: planned at once, the last change was > 60 s ago
+    o = s.ensure_plan(fleet(), fp(fleet()), [req(12)], CurrentPlacement())
+    assert o.trigger == "load" and o.plan.plan_id == "step-1" and calls == [29, 22, 12]
+    c.t += 5  # a real change happened 5 s ago: now the cooldown holds for falls
+    assert not s.ensure_plan(fleet(), fp(fleet()), [req(5)], CurrentPlacement()).replanned
+    c.t += 56
+    assert s.ensure_plan(fleet(), fp(fleet()), [req(5)], CurrentPlacement()).plan.plan_id == "step-0"
 
 
 def test_planner_failure_keeps_last_good_plan_and_backs_off() -> None:
@@ -255,11 +315,11 @@ def test_restart_restores_the_plan_when_inputs_are_unchanged() -> None:
 
 
 def test_planned_workload_is_the_one_the_plan_was_made_for() -> None:
-    s, _, c = svc()
-    s.ensure_plan(fleet(), fp(fleet()), [req(5)], CurrentPlacement())
+    s, _, c = svc(scale_down_window_s=0)
+    s.ensure_plan(fleet(), fp(fleet()), [req(50)], CurrentPlacement())
     c.t += 5
-    s.ensure_plan(fleet(), fp(fleet()), [req(50)], CurrentPlacement())  # within the cooldown: no re-plan
-    assert s.planned_workload("llm/chat").rate_rps == 5
+    s.ensure_plan(fleet(), fp(fleet()), [req(5)], CurrentPlacement())  # a fall within the cooldown: no re-plan
+    assert s.planned_workload("llm/chat").rate_rps == 50
     assert s.planned_workload("llm/other") is None
 
 

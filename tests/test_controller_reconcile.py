@@ -6,6 +6,8 @@ import copy
 import json
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from archipelago.act.engine import parse_flags
 from archipelago.api.v1alpha1 import GPUPool, ModelDeployment, ServingSLO
 from archipelago.controller import reconcile as rc
@@ -123,12 +125,28 @@ def test_rollout_creates_new_before_removing_old() -> None:
     assert ("ConfigMap", "chat-routing") not in {(o["kind"], o["metadata"]["name"]) for o in rc.rollout(new, live).apply}
     step = rc.rollout(new, live)
     assert step.delete == [] and step.retained == ["chat-h100-tp2"]
-    # available -> old Deployment and Service removed, the routes switched
+    # available -> the routes switch to the new island (stamped with the time); the old one still serves
     live.update({(o["kind"], o["metadata"]["name"]): _live(o) for o in new if o["kind"] != "ConfigMap"})
-    step = rc.rollout(new, live)
-    assert ("Deployment", "chat-h100-tp2", "u-chat-h100-tp2") in step.delete
+    step = rc.rollout(new, live, now=1000.0, drain_s=30.0)
     assert [o["kind"] for o in step.apply] == ["ConfigMap"]  # now the routes move to the new island
+    cm = step.apply[0]
+    assert cm["metadata"]["annotations"]["archipelago.dev/routes-switched-at"] == "1000.000"
+    assert rc.content_hash(cm) == rc.content_hash(next(o for o in new if o["kind"] == "ConfigMap"))
+    assert step.delete == [] and step.retained == ["chat-h100-tp2"] and step.draining_s == 30.0
+    live[("ConfigMap", "chat-routing")] = _live(cm)
+    # draining: routers re-read the routes and requests in flight finish on the old island
+    step = rc.rollout(new, live, now=1010.0, drain_s=30.0)
+    assert step.apply == [] and step.delete == [] and step.retained == ["chat-h100-tp2"]
+    assert step.draining_s == pytest.approx(20.0)
+    # a periodic re-apply keeps the switch time
+    step = rc.rollout(new, live, force_apply=True, now=1011.0, drain_s=30.0)
+    cm2 = next(o for o in step.apply if o["kind"] == "ConfigMap")
+    assert cm2["metadata"]["annotations"]["archipelago.dev/routes-switched-at"] == "1000.000"
+    # drained -> old Deployment and Service removed
+    step = rc.rollout(new, live, now=1031.0, drain_s=30.0)
+    assert ("Deployment", "chat-h100-tp2", "u-chat-h100-tp2") in step.delete
     assert ("Service", "chat-h100-tp2", "u-chat-h100-tp2") in step.delete
+    assert step.apply == [] and step.draining_s == 0.0
 
 
 def test_shrinking_island_holds_replicas_until_others_available() -> None:
@@ -142,10 +160,15 @@ def test_shrinking_island_holds_replicas_until_others_available() -> None:
     step = rc.rollout(after, live)
     assert "chat-h100-tp2" not in {o["metadata"]["name"] for o in step.apply}  # held version already live
     assert step.waiting == ["chat-l4-tp1"]
-    live.update({(o["kind"], o["metadata"]["name"]): _live(o) for o in after if o["metadata"]["name"] != "chat-h100-tp2"})
-    step = rc.rollout(after, live)
+    live.update({(o["kind"], o["metadata"]["name"]): _live(o) for o in after
+                 if o["metadata"]["name"] not in ("chat-h100-tp2", "chat-routing")})
+    step = rc.rollout(after, live, now=50.0, drain_s=20.0)
+    assert [o["kind"] for o in step.apply] == ["ConfigMap"]  # routes switch first; h100 still held at 4
+    live[("ConfigMap", "chat-routing")] = _live(step.apply[0])
+    assert rc.rollout(after, live, now=60.0, drain_s=20.0).apply == []
+    step = rc.rollout(after, live, now=71.0, drain_s=20.0)
     deps = {o["metadata"]["name"]: o for o in step.apply if o["kind"] == "Deployment"}
-    assert deps["chat-h100-tp2"]["spec"]["replicas"] == 2  # now it shrinks
+    assert deps["chat-h100-tp2"]["spec"]["replicas"] == 2  # drained: now it shrinks
 
 
 def test_deleted_deployment_is_reapplied_and_unchanged_is_not() -> None:

@@ -155,3 +155,24 @@ def test_arrival_rate_without_queue_series_is_completion_rate() -> None:
     prom = FakeProm({"sum:sglang:num_requests_total": val(4.0)})
     obs = observe_model(prom, "sglang", {})
     assert obs.request_rate == obs.completion_rate == 4.0
+
+
+def test_malformed_series_are_unknown_not_zero() -> None:
+    """Values that are not numbers, infinite, or results without a value are unknown, so the operator
+    falls back to the workload hint rather than planning for zero load."""
+    bad = [{"metric": {}, "value": [0, "not-a-number"]}]
+    for series in ({"sum:sglang:num_requests_total": bad},
+                   {"sum:sglang:num_requests_total": [{"metric": {}}]},
+                   {"sum:sglang:num_requests_total": val(float("inf"))},
+                   {"sum:sglang:num_requests_total": [{"metric": {}, "value": None}]}):
+        obs = observe_model(FakeProm(series), "sglang", {})
+        assert obs.request_rate is None and "request_rate" in obs.unknown and not obs.has_load
+    from archipelago.api.v1alpha1 import ModelDeployment
+    from archipelago.controller.snapshot import resolve_workload
+
+    md = ModelDeployment.model_validate({
+        "apiVersion": "archipelago.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": "m", "namespace": "llm"},
+        "spec": {"model": {"name": "meta-llama/Llama-3.1-8B-Instruct"}, "sloRef": "s",
+                 "workloadHint": {"requestsPerSecond": 2.5, "meanInputTokens": 500, "meanOutputTokens": 100}}})
+    choice = resolve_workload(observe_model(FakeProm({"sum:sglang:num_requests_total": bad}), "sglang", {}), md)
+    assert choice.source == "hint" and choice.workload.rate_rps == 2.5

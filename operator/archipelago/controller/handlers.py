@@ -389,7 +389,7 @@ def reconcile_model(rt: Runtime, body: Mapping[str, Any], idx: Mapping[str, Any]
         mpid = rc.model_plan_id(mp)
         desired = rc.desired_objects(md, renders, routes, mpid)
         resync_due = time.monotonic() - rt.last_resync.get(key, 0.0) >= rt.cfg.resync_s
-        step = rc.rollout(desired, live, force_apply=resync_due)
+        step = rc.rollout(desired, live, force_apply=resync_due, drain_s=rt.cfg.drain_s)
         try:
             for obj in step.apply:
                 okey = (ns, obj["kind"], obj["metadata"]["name"])
@@ -444,8 +444,11 @@ def reconcile_model(rt: Runtime, body: Mapping[str, Any], idx: Mapping[str, Any]
         if outcome.error:
             msg += f"; last re-plan failed, keeping this plan: {outcome.error}"
             degraded = degraded or ("PlannerError", outcome.error)
-        if step.retained:
+        if step.retained and step.waiting:
             msg += f"; keeping {', '.join(step.retained)} until {', '.join(step.waiting)} are available"
+        elif step.retained or step.draining_s > 0:
+            msg += (f"; routes switched, draining {', '.join(step.retained) or 'released replicas'} for "
+                    f"{step.draining_s:.0f}s more")
         facts = rc.ModelFacts(planned=True, plan_reason="PlanApplied", plan_message=msg[:4000],
                               infeasible=infeas, available=not step.waiting and not step.retained,
                               waiting=step.waiting, pending_pods=pend, degraded=degraded,

@@ -8,9 +8,17 @@ service decides whether the current plan still stands:
 * **spec** change (any model's or SLO's spec, the set of models) -> re-plan now;
 * **nodes** change (pool membership, cordon/NotReady, allocatable GPUs, GPUs used by others) ->
   re-plan now;
-* **load** change (a model's request rate moved by more than ``load_hysteresis``) -> re-plan only
-  once ``cooldown_s`` has passed since the last plan (no flapping);
+* **load-up** (a model's request rate rose by more than ``load_hysteresis``) -> re-plan now: an
+  under-provisioned model misses its SLO, and the backlog it builds outlasts the scale-out;
+* **load** (the rate fell by more than ``load_hysteresis``) -> re-plan only once ``cooldown_s`` has
+  passed since the plan last *changed* (no flapping; a re-plan that keeps the plan in force costs no
+  churn, so it does not restart the cooldown);
 * otherwise the last plan is reused.
+
+The request rate a model is planned for is the highest rate seen over the last
+``scale_down_window_s`` (:meth:`PlanningService.stabilized`): a rise is planned for at once (after
+the cooldown), a fall only once it has lasted the whole window -- the Kubernetes HPA's scale-down
+stabilization, which keeps a noisy but steady load from flapping between fleets.
 
 The planner itself (``archipelago.decide.planner``) receives the previous plan for its own
 hysteresis (keep the current islands unless the new plan is cheaper by its margin). The slow BO
@@ -27,6 +35,7 @@ import json
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -227,6 +236,7 @@ class _State:
     fleet_fp: tuple = ()
     loads: dict[str, float] = field(default_factory=dict)
     mono: float = -1e18
+    changed_mono: float = -1e18
     wall: float = 0.0
     solve_s: float = 0.0
     trigger: str = "none"
@@ -257,6 +267,30 @@ class PlanningService:
         self._lock = threading.Lock()
         self._s = _State()
         self._bo_thread: threading.Thread | None = None
+        self._rates: dict[str, tuple[tuple, deque[tuple[float, float]]]] = {}
+
+    def stabilized(self, models: Sequence[ModelRequest]) -> list[ModelRequest]:
+        """``models`` with each workload's ``rate_rps`` replaced by the highest rate seen for that model
+        over the last ``cfg.scale_down_window_s`` seconds (this call's rate included); a model's history
+        restarts when its spec changes. Returns the requests unchanged when the window is 0."""
+        win = self.cfg.scale_down_window_s
+        if win <= 0:
+            return list(models)
+        now = self._clock()
+        out = []
+        for m in models:
+            fp = spec_fingerprint([m])
+            old = self._rates.get(m.key)
+            hist = old[1] if old is not None and old[0] == fp else deque()
+            hist.append((now, float(m.workload.rate_rps)))
+            while hist and hist[0][0] < now - win:
+                hist.popleft()
+            self._rates[m.key] = (fp, hist)
+            peak = max(r for _, r in hist)
+            out.append(m if peak <= m.workload.rate_rps else replace(m, workload=replace(m.workload, rate_rps=peak)))
+        for k in set(self._rates) - {m.key for m in models}:
+            del self._rates[k]
+        return out
 
     # -- introspection ------------------------------------------------------------------------
     def planned_workload(self, key: str) -> Any:
@@ -279,8 +313,11 @@ class PlanningService:
                              capacity_model=self.cfg.capacity_model)
 
     def decide_trigger(self, spec_fp: tuple, fleet_fp: tuple, loads: dict[str, float]) -> str:
-        """Which trigger (if any) calls for a re-plan: ``initial``, ``spec``, ``nodes``, ``load``, ``retry``
-        (the last run failed and the cooldown has passed) or ``none``."""
+        """Which trigger (if any) calls for a re-plan: ``initial``, ``spec``, ``nodes``, ``load-up`` (a
+        model's planned rate rose by more than ``load_hysteresis``: at once, an under-provisioned model
+        misses its SLO while it waits), ``load`` (it fell by more than that, or a new model's load: only
+        once ``cooldown_s`` has passed since the plan last changed), ``retry`` (the last run failed and
+        the cooldown has passed) or ``none``."""
         s = self._s
         if s.plan is None:
             return "initial"
@@ -288,15 +325,17 @@ class PlanningService:
             return "spec"
         if fleet_fp != s.fleet_fp:
             return "nodes"
-        if self._clock() - s.mono >= self.cfg.cooldown_s:
-            if s.error is not None:
-                return "retry"
+        if s.error is not None:  # the last run failed: retry once per cooldown, whatever the load does
+            return "retry" if self._clock() - s.mono >= self.cfg.cooldown_s else "none"
+        h = self.cfg.load_hysteresis
+        for key, rate in loads.items():
+            old = s.loads.get(key)
+            if old is not None and rate > max(old, 1e-6) * (1.0 + h):
+                return "load-up"
+        if self._clock() - s.changed_mono >= self.cfg.cooldown_s:
             for key, rate in loads.items():
                 old = s.loads.get(key)
-                if old is None:
-                    return "load"
-                base = max(abs(old), 1e-6)
-                if abs(rate - old) / base > self.cfg.load_hysteresis:
+                if old is None or abs(rate - old) / max(abs(old), 1e-6) > h:
                     return "load"
         return "none"
 
@@ -313,16 +352,17 @@ class PlanningService:
         infeasibility notes, so the controller leaves their existing Deployments as they are.
 
         Never raises for planner failures: the error is returned in :attr:`PlanOutcome.error` and the
-        last good plan stays in force.
+        last good plan stays in force. Each model's request rate is first :meth:`stabilized`.
 
         ``restore`` (used once, when no plan is in force yet, e.g. after an operator restart) returns
         ``{model key: (inputs digest, model_slice)}`` persisted by the previous process; when every
         requested model has a slice with the current inputs' digest, that plan is adopted as it was
         (trigger ``restored``) instead of solving again -- same inputs, same decision.
         """
-        spec_fp = spec_fingerprint(models)
-        loads = {m.key: m.workload.rate_rps for m in models}
         with self._lock:
+            models = self.stabilized(models)
+            spec_fp = spec_fingerprint(models)
+            loads = {m.key: m.workload.rate_rps for m in models}
             s = self._s
             trigger = "spec" if force and s.plan is not None else self.decide_trigger(spec_fp, fleet_fp, loads)
             digest = inputs_digest(spec_fp, fleet_fp, loads)
@@ -330,6 +370,7 @@ class PlanningService:
                 restored = self._restore(restore, models, digest)
                 if restored is not None:
                     s.plan, s.spec_fp, s.fleet_fp, s.loads, s.digest = restored, spec_fp, fleet_fp, loads, digest
+                    s.changed_mono = self._clock()
                     s.mono, s.wall, s.solve_s, s.trigger, s.error = self._clock(), time.time(), 0.0, "restored", None
                     held = {i.model for i in restored.infeasibilities} - {mp.model for mp in restored.models}
                     s.model_fps = {m.key: _model_fp(m) for m in models if m.key not in held}
@@ -343,6 +384,7 @@ class PlanningService:
             if not models:
                 s.plan, s.spec_fp, s.fleet_fp, s.loads = None, spec_fp, fleet_fp, loads
                 s.mono, s.wall, s.error = self._clock(), time.time(), None
+                s.changed_mono = s.mono
                 return PlanOutcome(None, True, trigger)
             fn = self._plan_fn or default_plan_fn()
             t0 = time.perf_counter()
@@ -378,6 +420,8 @@ class PlanningService:
             dt = time.perf_counter() - t0
             SOLVE_SECONDS.labels("fast").observe(dt)
             PLANS_TOTAL.labels(trigger, "feasible" if plan.feasible else "infeasible").inc()
+            if s.plan is None or plan.plan_id != s.plan.plan_id:
+                s.changed_mono = self._clock()
             s.plan, s.spec_fp, s.fleet_fp, s.loads = plan, spec_fp, fleet_fp, loads
             s.mono, s.wall, s.solve_s, s.trigger, s.error = self._clock(), time.time(), dt, trigger, None
             s.model_fps = {m.key: _model_fp(m) for m in keep}

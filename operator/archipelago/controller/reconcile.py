@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,7 +36,7 @@ from archipelago.act.manifests import (
 )
 from archipelago.api.conditions import get_condition, set_condition
 from archipelago.api.v1alpha1 import GPUPool, ModelDeployment, ServingSLO
-from archipelago.controller.settings import ANN_LAST_APPLIED_HASH
+from archipelago.controller.settings import ANN_LAST_APPLIED_HASH, ANN_ROUTES_SWITCHED_AT
 from archipelago.decide.planner.types import IslandPlan, ModelPlan, Plan
 from archipelago.observe.metrics import ObservedWorkload
 
@@ -145,7 +146,7 @@ def content_hash(obj: Mapping[str, Any]) -> str:
     """
     o = json.loads(json.dumps(obj, sort_keys=True))
     ann = o.get("metadata", {}).get("annotations") or {}
-    for k in (ANN_LAST_APPLIED_HASH, ANN_PLAN_HASH, ANN_NODES):
+    for k in (ANN_LAST_APPLIED_HASH, ANN_PLAN_HASH, ANN_NODES, ANN_ROUTES_SWITCHED_AT):
         ann.pop(k, None)
     aff = (((o.get("spec") or {}).get("template") or {}).get("spec") or {}).get("affinity") or {}
     (aff.get("nodeAffinity") or {}).pop("preferredDuringSchedulingIgnoredDuringExecution", None)
@@ -176,7 +177,8 @@ class RolloutStep:
         apply: objects to server-side apply (Deployments first).
         delete: ``(kind, name, uid)`` of objects to delete.
         waiting: Deployments (names) not yet available, which hold back removals.
-        retained: names of old Deployments kept until the new islands are available.
+        retained: names of old Deployments kept until the new islands are available and drained.
+        draining_s: seconds left of the drain after the routing switch (0 when not draining).
         complete: True when every desired Deployment is available and nothing old remains.
     """
 
@@ -184,6 +186,7 @@ class RolloutStep:
     delete: list[tuple[str, str, str]] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)
     retained: list[str] = field(default_factory=list)
+    draining_s: float = 0.0
     complete: bool = False
 
 
@@ -227,23 +230,37 @@ def _with_replicas(d: Mapping[str, Any], replicas: int) -> dict[str, Any]:
     return stamp(o)
 
 
+def _switched_at(obj: Mapping[str, Any] | None) -> float | None:
+    raw = ((obj or {}).get("metadata", {}).get("annotations") or {}).get(ANN_ROUTES_SWITCHED_AT)
+    try:
+        return float(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
 def rollout(desired: Sequence[dict[str, Any]], live: Mapping[tuple[str, str], Mapping[str, Any]],
-            force_apply: bool = False) -> RolloutStep:
+            force_apply: bool = False, *, now: float | None = None, drain_s: float = 0.0) -> RolloutStep:
     """Plan the writes of one reconcile for one model.
 
     Args:
         desired: objects from :func:`desired_objects`.
         live: ``{(kind, name): live object}`` of the model's objects that exist (Deployments with status).
         force_apply: re-apply every desired object even if its hash matches (periodic resync).
+        now: wall-clock time, unix seconds (default ``time.time()``).
+        drain_s: seconds between the routing switch and the removal of what the old routes used.
 
     Rules: (1) missing or changed desired objects are applied; (2) a desired Deployment that shrinks
-    keeps its live replica count until every desired Deployment is available; (3) live objects not
-    desired are deleted only when every desired Deployment is available (else they are retained);
-    (4) an existing routing ConfigMap is switched to the new routes only then, too, so traffic never
-    goes to islands that cannot serve yet.
+    keeps its live replica count until every desired Deployment is available and the routes have
+    drained; (3) live objects not desired are deleted only then (else they are retained); (4) an
+    existing routing ConfigMap is switched to the new routes only once every desired Deployment is
+    available, so traffic never goes to islands that cannot serve yet; the switch stamps the
+    ConfigMap with its time (annotation ``archipelago.dev/routes-switched-at``), and (2)/(3) wait
+    ``drain_s`` after it, so routers re-read the routes and requests in flight finish before the old
+    pods go (a ConfigMap without the stamp counts as switched long ago).
     A Deployment counts as available when its live template is the desired one (content hash, up to
     a held-back replica count) and ``deployment_available`` holds.
     """
+    now = time.time() if now is None else now
     step = RolloutStep()
     want = {(o["kind"], o["metadata"]["name"]): o for o in desired}
     held: dict[str, dict[str, Any]] = {}
@@ -263,11 +280,32 @@ def rollout(desired: Sequence[dict[str, Any]], live: Mapping[tuple[str, str], Ma
             not_ready.append(name)
     step.waiting = sorted(not_ready)
     all_ready = not not_ready
+    # routes in force: the live ConfigMap already carries the desired routes (or there is none to switch)
+    drained = all_ready
+    for key, o in want.items():
+        if key[0] != "ConfigMap":
+            continue
+        lv = live.get(key)
+        if lv is None or _live_hash(lv) != _live_hash(o):
+            drained = False if lv is not None else drained
+            continue
+        t = _switched_at(lv)
+        if t is not None and now - t < drain_s:
+            drained = False
+            step.draining_s = max(step.draining_s, drain_s - (now - t))
     for key, o in want.items():
         lv = live.get(key)
-        if key[0] == "ConfigMap" and lv is not None and not all_ready and _live_hash(lv) != _live_hash(o):
-            continue  # keep routing to the islands that serve now until the new ones are available
-        obj = held[key[1]] if (key[0] == "Deployment" and key[1] in held and not all_ready) else o
+        if key[0] == "ConfigMap" and lv is not None and _live_hash(lv) != _live_hash(o):
+            if not all_ready:
+                continue  # keep routing to the islands that serve now until the new ones are available
+            o = json.loads(json.dumps(o))
+            o["metadata"]["annotations"][ANN_ROUTES_SWITCHED_AT] = f"{now:.3f}"
+            if drain_s > 0:
+                step.draining_s = max(step.draining_s, drain_s)
+        elif key[0] == "ConfigMap" and lv is not None and _switched_at(lv) is not None:
+            o = json.loads(json.dumps(o))  # a re-apply keeps the switch time
+            o["metadata"]["annotations"][ANN_ROUTES_SWITCHED_AT] = lv["metadata"]["annotations"][ANN_ROUTES_SWITCHED_AT]
+        obj = held[key[1]] if (key[0] == "Deployment" and key[1] in held and not drained) else o
         if force_apply or lv is None or _live_hash(lv) != _live_hash(obj):
             if key[0] == "Deployment" and lv is not None:
                 obj = keep_live_node_preference(obj, lv)
@@ -276,11 +314,11 @@ def rollout(desired: Sequence[dict[str, Any]], live: Mapping[tuple[str, str], Ma
         if key in want:
             continue
         uid = (lv.get("metadata") or {}).get("uid", "")
-        if all_ready:
+        if drained:
             step.delete.append((key[0], key[1], uid))
         elif key[0] == "Deployment":
             step.retained.append(key[1])
-    step.complete = all_ready and not step.delete and not step.retained and not step.apply
+    step.complete = drained and not step.delete and not step.retained and not step.apply
     return step
 
 

@@ -25,6 +25,8 @@ DOMAIN = "archipelago.dev"
 FINALIZER = f"{DOMAIN}/finalizer"
 PEERING_NAME = "archipelago"
 ANN_LAST_APPLIED_HASH = f"{DOMAIN}/spec-hash"
+#: unix time at which the routing ConfigMap last switched to new routes (drain before removals)
+ANN_ROUTES_SWITCHED_AT = f"{DOMAIN}/routes-switched-at"
 
 # ------------------------------------------------------------------------------------------------
 # Metrics (own registry so tests and multiple operators in one process do not collide)
@@ -91,6 +93,13 @@ class OperatorConfig:
         resync_s: re-apply every emitted object at least this often (repairs manual edits), seconds.
         rollout_timeout_s: after this long a blocked rollout (new islands not available) is reported
             as Degraded/RolloutBlocked, seconds.
+        drain_s: after the routing ConfigMap switches to new islands, old islands (and replicas a
+            shrinking island gives up) keep running this long so that routers pick up the new routes
+            and requests in flight finish, seconds.
+        scale_down_window_s: the request rate a model is planned for is the highest rate observed over
+            this window (scale-up follows a rise at once, scale-down waits until the rate stayed low
+            for the whole window; the Kubernetes HPA's ``scaleDown.stabilizationWindowSeconds``,
+            default 300 s there too); 0 plans for the latest rate.
         max_workers: kopf's thread pool size for sync handlers.
         metrics_label: Prometheus label holding the ModelDeployment name on engine series
             (the scrape config's relabelling of the pod label ``archipelago.dev/model``).
@@ -112,6 +121,8 @@ class OperatorConfig:
     node_pinning: str = "preferred"
     resync_s: float = 600.0
     rollout_timeout_s: float = 300.0
+    drain_s: float = 30.0
+    scale_down_window_s: float = 300.0
     max_workers: int = 4
     metrics_label: str = "archipelago_dev_model"
     metrics_namespace_label: str = "namespace"
@@ -128,6 +139,8 @@ class OperatorConfig:
             raise ValueError(f"latency_quantile: {self.latency_quantile} must be in (0, 1)")
         if self.load_hysteresis < 0 or self.bo_margin < 0 or self.cooldown_s < 0:
             raise ValueError("load_hysteresis, bo_margin and cooldown_s must be >= 0")
+        if self.drain_s < 0 or self.scale_down_window_s < 0:
+            raise ValueError("drain_s and scale_down_window_s must be >= 0 seconds")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> OperatorConfig:
