@@ -151,6 +151,39 @@ def test_a_load_replan_that_keeps_the_plan_does_not_restart_the_cooldown() -> No
     assert s.ensure_plan(fleet(), fp(fleet()), [req(5)], CurrentPlacement()).plan.plan_id == "step-0"
 
 
+def test_load_up_grows_the_plan_in_force_then_consolidates_after_the_cooldown() -> None:
+    from types import SimpleNamespace
+
+    seen = []
+
+    def planner(fleet, models, current, config, previous):
+        seen.append(dict(config.island_floor))
+        rate = models[0].workload.rate_rps
+        isl = SimpleNamespace(id=f"llm/chat/h100/tp{1 if rate < 20 else 2}", replicas=int(rate // 5) + 1)
+        p = _StepPlan(rate)
+        p.plan_id = f"{isl.id}x{isl.replicas}"
+        p.models = (SimpleNamespace(islands=(isl,)),)
+        return p
+
+    c = Clock()
+    s = PlanningService(OperatorConfig(cooldown_s=60, load_hysteresis=0.2, scale_down_window_s=0), plan_fn=planner,
+                        clock=c)
+    s.ensure_plan(fleet(), fp(fleet()), [req(4)], CurrentPlacement())
+    c.t += 5
+    assert s.ensure_plan(fleet(), fp(fleet()), [req(12)], CurrentPlacement()).trigger == "load-up"
+    assert seen[-1] == {"llm/chat/h100/tp1": 1}  # keep what runs, only add
+    c.t += 5
+    assert s.ensure_plan(fleet(), fp(fleet()), [req(25)], CurrentPlacement()).trigger == "load-up"
+    assert seen[-1] == {"llm/chat/h100/tp1": 3}
+    c.t += 30
+    assert not s.ensure_plan(fleet(), fp(fleet()), [req(25)], CurrentPlacement()).replanned
+    c.t += 31  # cooldown since the last change: one unconstrained re-plan
+    o = s.ensure_plan(fleet(), fp(fleet()), [req(25)], CurrentPlacement())
+    assert o.trigger == "consolidate" and seen[-1] == {}
+    c.t += 61
+    assert not s.ensure_plan(fleet(), fp(fleet()), [req(25)], CurrentPlacement()).replanned  # consolidated once
+
+
 def test_planner_failure_keeps_last_good_plan_and_backs_off() -> None:
     configure_logging("CRITICAL")
     s, p, c = svc()

@@ -230,3 +230,22 @@ def test_replan_with_idle_models_and_a_current_placement() -> None:
     # replicas.min keeps idle models running; Mixtral's sample allows scale to zero (min 0)
     assert {r.key for r in reqs if r.min_replicas >= 1} <= served
     assert any(r.min_replicas == 0 for r in reqs)
+
+
+def test_island_floor_keeps_running_islands_and_only_adds():
+    """A load-up re-plan (the operator sets ``island_floor`` to the plan in force) grows the fleet instead of
+    replacing islands: the floored island keeps its replicas although the unconstrained optimum drops it."""
+    fl = fleet(pool("pm", "mid", 4), pool("pm2", "mid", 4), pool("ps", "small", 4))
+    p1 = _plan(fl, [_req("ns/a", 14, 10.0, allowed_pools=("pm2",))])
+    kept = {i.id: i.replicas for i in p1.islands}
+    assert kept and all(i.pool == "pm2" for i in p1.islands)
+    free = _plan(fl, [_req("ns/a", 14, 40.0, allowed_pools=("pm", "pm2", "ps"))],
+                 config=CFG.with_(churn_penalty_per_replica=0.0))
+    assert any(next((i.replicas for i in free.islands if i.id == iid), 0) < r for iid, r in kept.items())
+    grown = _plan(fl, [_req("ns/a", 14, 40.0, allowed_pools=("pm", "pm2", "ps"))],
+                  config=CFG.with_(island_floor=kept, churn_penalty_per_replica=0.0))
+    for iid, r in kept.items():
+        assert next(i.replicas for i in grown.islands if i.id == iid) >= r
+    assert grown.feasible and grown.gpus > p1.gpus
+    with pytest.raises(PlannerInputError, match="island_floor"):
+        PlannerConfig(island_floor={"x": -1})

@@ -10,6 +10,12 @@ service decides whether the current plan still stands:
   re-plan now;
 * **load-up** (a model's request rate rose by more than ``load_hysteresis``) -> re-plan now: an
   under-provisioned model misses its SLO, and the backlog it builds outlasts the scale-out;
+  A load-up plan keeps every island of the plan in force at least at its replica count and only
+  adds (``PlannerConfig.island_floor``): during a ramp the fleet grows instead of replacing islands
+  whose pods are still starting;
+* **consolidate** -> once ``cooldown_s`` has passed since the last load-up plan changed the fleet,
+  one unconstrained re-plan (the planner's own hysteresis keeps the grown fleet unless the new plan
+  is cheaper by its margin);
 * **load** (the rate fell by more than ``load_hysteresis``) -> re-plan only once ``cooldown_s`` has
   passed since the plan last *changed* (no flapping; a re-plan that keeps the plan in force costs no
   churn, so it does not restart the cooldown);
@@ -237,6 +243,7 @@ class _State:
     loads: dict[str, float] = field(default_factory=dict)
     mono: float = -1e18
     changed_mono: float = -1e18
+    floored: bool = False
     wall: float = 0.0
     solve_s: float = 0.0
     trigger: str = "none"
@@ -337,6 +344,8 @@ class PlanningService:
                 old = s.loads.get(key)
                 if old is None or abs(rate - old) / max(abs(old), 1e-6) > h:
                     return "load"
+            if s.floored:
+                return "consolidate"
         return "none"
 
     # -- main entry -----------------------------------------------------------------------------
@@ -387,10 +396,14 @@ class PlanningService:
                 s.changed_mono = s.mono
                 return PlanOutcome(None, True, trigger)
             fn = self._plan_fn or default_plan_fn()
+            cfg = self.planner_config()
+            if trigger == "load-up" and s.plan is not None:
+                cfg = replace(cfg, island_floor={i.id: i.replicas for mp in s.plan.models for i in mp.islands
+                                                 if i.replicas > 0})
             t0 = time.perf_counter()
             try:
                 plan = _call_planner(fn, fleet=fleet, models=list(models), current=current,
-                                     config=self.planner_config(), previous=s.plan)
+                                     config=cfg, previous=s.plan)
                 held = unattainable_models(plan, models)
                 keep = [m for m in models if m.key not in held]
                 notes = tuple(i for i in plan.infeasibilities if i.model in held)
@@ -403,7 +416,7 @@ class PlanningService:
                     # neither take GPUs nor perturb the rest; their running pods count as others' usage
                     fleet2 = fleet_for({m.key for m in keep}) if fleet_for is not None else fleet
                     plan2 = _call_planner(fn, fleet=fleet2, models=keep, current=current,
-                                          config=self.planner_config(), previous=s.plan)
+                                          config=cfg, previous=s.plan)
                     plan = replace(plan2, infeasibilities=plan2.infeasibilities + notes)
                 elif held:
                     plan = replace(plan, models=(), assignments=(), cost_per_hour=0.0, power_w=0.0,
@@ -422,6 +435,9 @@ class PlanningService:
             PLANS_TOTAL.labels(trigger, "feasible" if plan.feasible else "infeasible").inc()
             if s.plan is None or plan.plan_id != s.plan.plan_id:
                 s.changed_mono = self._clock()
+                s.floored = trigger == "load-up"
+            elif trigger != "load-up":
+                s.floored = False  # an unconstrained re-plan kept the fleet: nothing to consolidate
             s.plan, s.spec_fp, s.fleet_fp, s.loads = plan, spec_fp, fleet_fp, loads
             s.mono, s.wall, s.solve_s, s.trigger, s.error = self._clock(), time.time(), dt, trigger, None
             s.model_fps = {m.key: _model_fp(m) for m in keep}

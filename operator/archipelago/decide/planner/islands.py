@@ -282,7 +282,7 @@ def build_problem(fleet: FleetSnapshot, requests: list[ModelRequest], config: Pl
         # cheapest per-replica variant helps min_replicas
         if mp.all_variants:
             keep.add(min(mp.all_variants, key=lambda v: (v.price, v.iid)).iid)
-        keep |= running
+        keep |= running | {iid for iid, r in config.island_floor.items() if r > 0}
         mp.variants = [v for v in mp.all_variants if v.iid in keep]
         if config.capacity_model == "simulated":
             _calibrate(mp, config, cache, ttft, tpot, calibrate_all)
@@ -454,6 +454,9 @@ def solve_islands(problem: Problem, current: CurrentPlacement | None = None, *,
         used[v.iid] = m.NewBoolVar(f"used[{v.iid}]")
         m.Add(n[v.iid] <= max(0, ub) * used[v.iid])
         m.Add(n[v.iid] >= used[v.iid])
+        floor = min(int(cfg.island_floor.get(v.iid, 0)), max(0, ub))
+        if floor > 0:
+            m.Add(n[v.iid] >= floor)
     x: dict[tuple[int, int, str], cp_model.IntVar] = {}
     u: dict[tuple[int, int], cp_model.IntVar] = {}
     load_terms: dict[str, list[Any]] = {v.iid: [] for v in all_vars}

@@ -439,6 +439,10 @@ class PlannerConfig:
         model_max_num_seqs, model_max_num_batched_tokens: per-model engine-limit overrides
             (``{"ns/name": value}``), applied after the global ``max_num_seqs`` /
             ``max_num_batched_tokens``; the outer loop searches them per model.
+        island_floor: minimum replicas per island id (``{"ns/name/pool/tpN": replicas}``): a
+            plan made for a load *rise* keeps what runs and only adds (the operator sets it for
+            ``load-up`` re-plans, so a ramp grows the fleet instead of replacing islands that are
+            still starting); capped at what the pool can hold.
         lp_hint: also build an LP-rounding starting point for CP-SAT island sizing (GLOP LP
             relaxation, shares rounded, small islands emptied into slack) and hint the cheaper
             of it and the greedy start; False = greedy start only.
@@ -478,6 +482,7 @@ class PlannerConfig:
     model_max_num_seqs: dict[str, int] = field(default_factory=dict)
     model_max_num_batched_tokens: dict[str, int] = field(default_factory=dict)
     lp_hint: bool = True
+    island_floor: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.capacity_model not in ("analytic", "simulated"):
@@ -496,6 +501,9 @@ class PlannerConfig:
             raise PlannerInputError("PlannerConfig.share_steps must be >= 1")
         if self.num_workers < 1:
             raise PlannerInputError("PlannerConfig.num_workers must be >= 1")
+        for k, v in self.island_floor.items():
+            if int(v) < 0:
+                raise PlannerInputError(f"PlannerConfig.island_floor[{k!r}] must be >= 0, got {v!r}")
         for fname in ("model_max_islands", "model_max_num_seqs", "model_max_num_batched_tokens"):
             for k, v in getattr(self, fname).items():
                 if int(v) < 1:
