@@ -176,3 +176,65 @@ def test_malformed_series_are_unknown_not_zero() -> None:
                  "workloadHint": {"requestsPerSecond": 2.5, "meanInputTokens": 500, "meanOutputTokens": 100}}})
     choice = resolve_workload(observe_model(FakeProm({"sum:sglang:num_requests_total": bad}), "sglang", {}), md)
     assert choice.source == "hint" and choice.workload.rate_rps == 2.5
+
+
+def test_output_mean_per_prompt_bucket_from_per_island_series() -> None:
+    """Islands split by prompt length expose the prompt/output correlation the model-wide histograms hide."""
+    from archipelago.observe.metrics import HistogramBucket, output_means_by_prompt_bucket
+
+    def hist(*counts):
+        edges = [(0.0, 1000.0), (1000.0, 2000.0), (2000.0, float("inf"))]
+        return tuple(HistogramBucket(lo, hi, c) for (lo, hi), c in zip(edges, counts, strict=True))
+
+    model = hist(100, 300, 50)
+    # island a: short prompts (mean answer 100); island b: the 1-2k prompts and 10 short ones (mean 370)
+    per = {"a": (hist(90, 0, 0), 100.0), "b": (hist(10, 300, 0), 370.0), "c": (hist(0, 0, 50), 60.0)}
+    got = output_means_by_prompt_bucket(model, per, overall_mean=200.0)
+    assert got == pytest.approx(((90 * 100 + 10 * 370) / 100, 370.0, 60.0))
+    assert output_means_by_prompt_bucket(model, {"a": per["a"]}, 200.0) is None  # one island: nothing to add
+    assert output_means_by_prompt_bucket(model, {**per, "d": (hist(0, 0, 0), 0.0)}, 200.0) == got
+
+    class P(FakeProm):
+        def custom_query(self, q: str) -> list:
+            self.queries.append(q)
+            if q.startswith("sum by (isl, le) (increase(vllm:request_prompt_tokens_bucket"):
+                return [{"metric": {"isl": i, "le": le}, "value": [0, str(v)]} for i, le, v in
+                        [("a", "1000", 90), ("a", "2000", 90), ("a", "+Inf", 90),
+                         ("b", "1000", 10), ("b", "2000", 310), ("b", "+Inf", 360)]]
+            if q.startswith("sum by (isl) (increase(vllm:generation_tokens_total"):
+                return [{"metric": {"isl": "a"}, "value": [0, "9000"]}, {"metric": {"isl": "b"}, "value": [0, "133200"]}]
+            if q.startswith("sum by (isl) (increase(vllm:request_success_total"):
+                return [{"metric": {"isl": "a"}, "value": [0, "90"]}, {"metric": {"isl": "b"}, "value": [0, "360"]}]
+            if "vllm:request_prompt_tokens_bucket" in q:
+                return [{"metric": {"le": "1000"}, "value": [0, "100"]}, {"metric": {"le": "2000"}, "value": [0, "400"]},
+                        {"metric": {"le": "+Inf"}, "value": [0, "450"]}]
+            if q.startswith("sum(increase(vllm:request_success_total"):
+                return val(450)
+            if q.startswith("sum(increase(vllm:generation_tokens_total"):
+                return val(142200)
+            if q.startswith("sum(rate(vllm:request_success_total"):
+                return val(1.5)
+            return []
+
+    obs = observe_model(P({}), "vllm", {}, window_s=300, group_label="isl")
+    assert obs.output_mean_by_prompt_bucket == pytest.approx(((90 * 100 + 10 * 370) / 100, 370.0, 370.0))
+    assert "output_mean_by_prompt_bucket" not in obs.unknown
+    with pytest.raises(ValueError, match="label name"):
+        observe_model(P({}), "vllm", {}, window_s=300, group_label="bad-label")
+
+
+def test_resolve_workload_uses_the_per_bucket_output_means() -> None:
+    from archipelago.api.v1alpha1 import ModelDeployment
+    from archipelago.controller.snapshot import resolve_workload
+    from archipelago.decide.planner.capacity import workload_buckets
+    from archipelago.observe.metrics import HistogramBucket, ObservedWorkload
+
+    md = ModelDeployment.model_validate({
+        "apiVersion": "archipelago.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": "m", "namespace": "llm"},
+        "spec": {"model": {"name": "meta-llama/Llama-3.1-8B-Instruct"}, "sloRef": "s"}})
+    pb = (HistogramBucket(0, 1000, 100), HistogramBucket(1000, 2000, 300), HistogramBucket(2000, float("inf"), 50))
+    obs = ObservedWorkload("vllm", 300.0, 0.99, request_rate=1.5, prompt_tokens_mean=1300, output_tokens_mean=316,
+                           prompt_len_buckets=pb, output_mean_by_prompt_bucket=(127.0, 370.0, 370.0))
+    w = resolve_workload(obs, md).workload
+    assert w.output_mean_by_input == (127.0, 370.0, 370.0)
+    assert [round(b.mean_out) for b in workload_buckets(w)] == [127, 370, 370]

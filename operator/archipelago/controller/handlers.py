@@ -101,7 +101,8 @@ class WorkloadCache:
         ns, name = key.split("/", 1)
         matchers = {self.cfg.metrics_namespace_label: ns, self.cfg.metrics_label: name}
         try:
-            obs = observe_model(self.client, engine, matchers, self.cfg.metrics_window_s, self.cfg.latency_quantile)
+            obs = observe_model(self.client, engine, matchers, self.cfg.metrics_window_s, self.cfg.latency_quantile,
+                                group_label=self.cfg.metrics_island_label or None)
             err = None
             PROMETHEUS_UP.set(1)
         except PrometheusUnavailable as e:

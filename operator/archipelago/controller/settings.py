@@ -104,6 +104,9 @@ class OperatorConfig:
         metrics_label: Prometheus label holding the ModelDeployment name on engine series
             (the scrape config's relabelling of the pod label ``archipelago.dev/model``).
         metrics_namespace_label: Prometheus label holding the namespace.
+        metrics_island_label: Prometheus label holding the island (relabelled pod label
+            ``archipelago.dev/island``); per-island series give the mean output length per prompt
+            range (engines export the two length histograms separately). Empty disables it.
     """
 
     prometheus_url: str = ""
@@ -126,6 +129,7 @@ class OperatorConfig:
     max_workers: int = 4
     metrics_label: str = "archipelago_dev_model"
     metrics_namespace_label: str = "namespace"
+    metrics_island_label: str = "archipelago_dev_island"
 
     def __post_init__(self) -> None:
         if self.capacity_model not in ("simulated", "analytic"):

@@ -120,7 +120,8 @@ def resolve_workload(observed: ObservedWorkload | None, md: ModelDeployment, pro
     """Measured workload when Prometheus has the model's series, else the ModelDeployment's hint.
 
     Missing series are unknown, never zero: a figure is only taken from ``observed`` when it is
-    not None. Histograms (``vllm:request_prompt_tokens`` buckets) are used when present.
+    not None. Histograms (``vllm:request_prompt_tokens`` buckets) are used when present, and so is the
+    per-prompt-bucket output mean estimated from per-island series (``output_mean_by_prompt_bucket``).
 
     Raises:
         SpecProblem(reason="NoWorkload"): neither metrics nor ``spec.workloadHint`` give a request
@@ -150,9 +151,13 @@ def resolve_workload(observed: ObservedWorkload | None, md: ModelDeployment, pro
                                                 "spec.workloadHint is not set; set spec.workloadHint.meanOutputTokens")
             out_mean = hint.mean_output_tokens
             missing.append("output lengths")
+        by_in = observed.output_mean_by_prompt_bucket
+        if not in_hist or by_in is None or len(by_in) != len(observed.prompt_len_buckets or ()):
+            by_in = None
         w = Workload(rate_rps=observed.request_rate, input_hist=in_hist, output_hist=out_hist,
                      input_mean=in_mean, output_mean=out_mean,
-                     input_p90=(hint.p90_input_tokens if hint and missing else None))
+                     input_p90=(hint.p90_input_tokens if hint and missing else None),
+                     output_mean_by_input=by_in)
         if missing:
             return WorkloadChoice(w, "mixed", f"measured request rate; {', '.join(missing)} unknown in Prometheus, "
                                               "taken from spec.workloadHint")

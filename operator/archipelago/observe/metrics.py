@@ -25,6 +25,7 @@ SGLang ``sglang:num_requests_total``, ``sglang:prompt_tokens_total``,
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -115,6 +116,10 @@ class ObservedWorkload:
         quantile: the latency quantile asked for (e.g. 0.99).
         kv_cache_usage: mean KV-cache usage over replicas (0-1).
         running / waiting: requests running / queued, summed over replicas.
+        output_mean_by_prompt_bucket: mean generated tokens per request for each bucket of
+            ``prompt_len_buckets`` (same order), estimated from per-island series (see
+            :func:`output_means_by_prompt_bucket`); None unless at least two islands report. Not
+            listed in ``unknown``: it refines the global mean and is optional.
         unknown: names of the figures that are unknown, for the status message.
     """
 
@@ -133,6 +138,7 @@ class ObservedWorkload:
     running: float | None = None
     waiting: float | None = None
     unknown: tuple[str, ...] = field(default_factory=tuple)
+    output_mean_by_prompt_bucket: tuple[float, ...] | None = None
 
     @property
     def has_load(self) -> bool:
@@ -229,8 +235,44 @@ def _buckets(result: list[dict[str, Any]]) -> tuple[HistogramBucket, ...] | None
     return tuple(out)
 
 
+def output_means_by_prompt_bucket(prompt_buckets: tuple[HistogramBucket, ...],
+                                  per_group: Mapping[str, tuple[tuple[HistogramBucket, ...], float]],
+                                  overall_mean: float) -> tuple[float, ...] | None:
+    """Mean output length (tokens) per prompt-length bucket from per-group (per-island) series.
+
+    Engines export prompt- and output-length histograms separately, so the correlation between them
+    (on the Azure conversation trace, 1-2k-token prompts get ~380-token answers and >2k-token prompts
+    ~70) is invisible in one model-wide pair. The operator routes prompt-length ranges to different
+    islands, so each island's mean output is the mean over the prompt buckets it serves; a bucket gets
+    the request-weighted mean of the islands that served it: ``out_b = sum_i c_ib m_i / sum_i c_ib``
+    (``c_ib`` requests of island ``i`` in bucket ``b``, ``m_i`` its generated tokens per request).
+    Buckets no island served get ``overall_mean``.
+
+    Args:
+        prompt_buckets: the model-wide prompt-length histogram (defines the bucket order).
+        per_group: ``{group: (its prompt-length histogram, its mean generated tokens per request)}``.
+        overall_mean: the model-wide mean generated tokens per request.
+
+    Returns:
+        a tuple aligned with ``prompt_buckets``, or None when fewer than two groups have requests (one
+        island's mean is just the model-wide mean).
+    """
+    groups = {g: v for g, v in per_group.items() if sum(b.count for b in v[0]) > 0 and v[1] > 0}
+    if len(groups) < 2:
+        return None
+    out = []
+    for pb in prompt_buckets:
+        num = den = 0.0
+        for hist, m in groups.values():
+            c = sum(b.count for b in hist if b.hi == pb.hi)
+            num += c * m
+            den += c
+        out.append(num / den if den > 0 else overall_mean)
+    return tuple(out)
+
+
 def observe_model(client: Any, engine: str, matchers: Mapping[str, str], window_s: float = 300.0,
-                  quantile: float = 0.99) -> ObservedWorkload:
+                  quantile: float = 0.99, group_label: str | None = None) -> ObservedWorkload:
     """Query workload and latency of one model.
 
     Args:
@@ -240,6 +282,8 @@ def observe_model(client: Any, engine: str, matchers: Mapping[str, str], window_
             ``{"namespace": "llm", "archipelago_dev_model": "chat"}`` or ``{"model_name": "..."}``.
         window_s: rate/increase window in seconds (>= 1).
         quantile: latency quantile in (0, 1), e.g. 0.99 for p99.
+        group_label: label that tells the model's islands apart (e.g. ``archipelago_dev_island``);
+            when given, per-island series estimate ``output_mean_by_prompt_bucket``.
 
     Raises:
         PrometheusUnavailable: Prometheus unreachable or failing (5xx).
@@ -298,7 +342,38 @@ def observe_model(client: Any, engine: str, matchers: Mapping[str, str], window_
         "waiting": _first_known(q, names.waiting, f"sum({_M}{sel})"),
     }
     unknown = tuple(k for k, v in obs.items() if v is None)
-    return ObservedWorkload(engine=engine, window_s=float(window_s), quantile=quantile, unknown=unknown, **obs)
+    by_bucket = None
+    if group_label and obs["prompt_len_buckets"] and obs["output_tokens_mean"] and names.prompt_len_hist:
+        by_bucket = _output_by_bucket(q, names, sel, w, group_label, obs["prompt_len_buckets"],
+                                      obs["output_tokens_mean"])
+    return ObservedWorkload(engine=engine, window_s=float(window_s), quantile=quantile, unknown=unknown,
+                            output_mean_by_prompt_bucket=by_bucket, **obs)
+
+
+def _output_by_bucket(q: QueryFn, names: EngineMetricNames, sel: str, w: str, group: str,
+                      prompt_buckets: tuple[HistogramBucket, ...], overall: float) -> tuple[float, ...] | None:
+    if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", group):
+        raise ValueError(f"group_label: {group!r} is not a Prometheus label name")
+    hist_rows = q(f"sum by ({group}, le) (increase({names.prompt_len_hist[0]}_bucket{sel}[{w}]))")
+    gen_rows = q(f"sum by ({group}) (increase({names.generation_tokens_total[0]}{sel}[{w}]))")
+    req_rows = q(f"sum by ({group}) (increase({names.requests_total[0]}{sel}[{w}]))")
+
+    def by_group(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            g = (r.get("metric") or {}).get(group)
+            if g is not None:
+                out.setdefault(str(g), []).append(r)
+        return out
+
+    hists, gens, reqs = by_group(hist_rows), by_group(gen_rows), by_group(req_rows)
+    per: dict[str, tuple[tuple[HistogramBucket, ...], float]] = {}
+    for g, rows in hists.items():
+        b = _buckets(rows)
+        n, tok = _scalar(reqs.get(g, [])), _scalar(gens.get(g, []))
+        if b is not None and n and tok is not None and n > 0:
+            per[g] = (b, tok / n)
+    return output_means_by_prompt_bucket(prompt_buckets, per, overall)
 
 
 def bucket_mean(buckets: tuple[HistogramBucket, ...]) -> float | None:
