@@ -284,3 +284,19 @@ def test_metadata_only_reapply_keeps_live_node_preference() -> None:
     pref = dep["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
     assert pref[0]["preference"]["matchFields"][0]["values"] == ["h100-0"]  # live preference kept: no pod roll
     assert rc.spec_hash(dep) == rc.spec_hash(live[("Deployment", "chat-h100-tp2")])
+
+
+def test_scaling_an_island_keeps_the_live_node_preference_so_running_pods_are_not_replaced() -> None:
+    plan1, mp1 = make_plan([island("h100", "H100-SXM", 2, 2)],
+                           [PodAssignment("llm/chat/h100/tp2", f"p{k}", "h100-0", 2) for k in range(2)])
+    plan2, mp2 = make_plan([island("h100", "H100-SXM", 2, 3)],
+                           [PodAssignment("llm/chat/h100/tp2", f"p{k}", f"h100-{k}", 2) for k in range(3)])
+    o1 = rc.desired_objects(MD, *rc.renders_for_model(MD, mp1, plan1, POOLS), "a")
+    o2 = rc.desired_objects(MD, *rc.renders_for_model(MD, mp2, plan2, POOLS), "b")
+    live = {(o["kind"], o["metadata"]["name"]): _live(o) for o in o1}
+    d1 = next(o for o in o1 if o["kind"] == "Deployment")
+    d2 = next(o for o in o2 if o["kind"] == "Deployment")
+    assert d1["spec"]["template"] != d2["spec"]["template"]  # the packing's node choice changed
+    dep = next(o for o in rc.rollout(o2, live).apply if o["kind"] == "Deployment")
+    assert dep["spec"]["replicas"] == 3
+    assert dep["spec"]["template"] == live[("Deployment", dep["metadata"]["name"])]["spec"]["template"]  # no roll

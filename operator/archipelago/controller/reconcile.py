@@ -202,16 +202,22 @@ def _pref_path(o: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def spec_hash(o: Mapping[str, Any]) -> str:
-    """Hash of a Deployment's ``spec`` without its preferred node affinity."""
+    """Hash of a Deployment's ``spec`` without its replica count and its preferred node affinity: what,
+    when it changes, needs new pods."""
     spec = json.loads(json.dumps(o.get("spec") or {}, sort_keys=True))
+    spec.pop("replicas", None)
     aff = ((spec.get("template") or {}).get("spec") or {}).get("affinity") or {}
     (aff.get("nodeAffinity") or {}).pop("preferredDuringSchedulingIgnoredDuringExecution", None)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def keep_live_node_preference(obj: dict[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
-    """When a Deployment is re-applied for metadata only (its spec, preferred node affinity aside, is
-    unchanged), keep the live preferred node affinity so that the write does not roll its pods."""
+    """When a Deployment is re-applied for metadata or its replica count only (its spec, replicas and
+    preferred node affinity aside, is unchanged), keep the live preferred node affinity so that the
+    write does not roll its pods: scaling an island from 3 to 4 replicas changes the packing's node
+    choice, and writing it into the pod template replaced every running pod of the island (seen in
+    the demo: an overloaded L4 pod aborted 53 requests when its grace period ran out). New replicas
+    are scheduled anywhere in the pool the required affinity allows."""
     if spec_hash(obj) != spec_hash(live):
         return obj
     live_pref = _pref_path(live).get("preferredDuringSchedulingIgnoredDuringExecution")
