@@ -8,9 +8,9 @@ One scenario on the local control plane (KWOK nodes, so the fleet emulator plays
    20 s drain, so the scenario fits in a few minutes);
 2. low load (conversation trace at 0.3x its rate, 120 s): the operator plans from the measured
    workload (``status.observed.source == prometheus``), a small fleet;
-3. load raised several-fold (2x, 150 s): within 2 minutes the operator scales out or moves to larger
+3. load raised several-fold (2x, 180 s): within 2 minutes the operator scales out or moves to larger
    islands (the plan's predicted $/h rises), and the SLO attainment the replayer measures over the
-   last minute of the high phase is >= 0.8;
+   last minute of the high phase (2-3 minutes after the step) is >= 0.8;
 4. load dropped (0.3x, 210 s): once the peak has left the stabilization window (and the cooldown has
    passed) the operator scales in, never below what the SLO needs (attainment >= 0.9 from 20 s after
    the drop), and its islands change at most once over the remaining >= 60 s of steady load;
@@ -55,7 +55,7 @@ MODEL = "llama-3-1-8b"
 #: phases of the replayed load: (seconds, rate scale of the conversation trace, ~5.4 req/s at 1x)
 LOW, HIGH = 0.3, 2.0
 #: phase lengths, seconds: low, high (several-fold), low again (long enough to see scale-in, then steady load)
-T_LOW1, T_HIGH, T_LOW2 = 120, 150, 210
+T_LOW1, T_HIGH, T_LOW2 = 120, 180, 210
 COOLDOWN_S = 30
 SCALE_DOWN_WINDOW_S = 60
 OP_ARGS = ["--timer-interval", "2", "--cooldown", str(COOLDOWN_S), "--plan-time-limit", "5"]
@@ -63,7 +63,7 @@ OP_ARGS = ["--timer-interval", "2", "--cooldown", str(COOLDOWN_S), "--plan-time-
 OP_ENV = {"ARCHIPELAGO_METRICS_WINDOW_S": "30", "ARCHIPELAGO_METRICS_INTERVAL_S": "5",
           "ARCHIPELAGO_SCALE_DOWN_WINDOW_S": str(SCALE_DOWN_WINDOW_S), "ARCHIPELAGO_DRAIN_S": "20"}
 
-# Part of `make test`; alone: `make e2e-loop` (about 9 minutes).
+# Part of `make test`; alone: `make e2e-loop` (about 10 minutes).
 pytestmark = [pytest.mark.loop,
               pytest.mark.skipif(not TRACE.is_file(), reason=f"needs the Azure trace at {TRACE}")]
 
@@ -266,6 +266,10 @@ def test_prometheus_outage_keeps_the_last_plan(loop_env):
     env = loop_env
     custom, core, ns = env["custom"], env["core"], env["ns"]
     wait_for(lambda: _plan_id(get_md(custom, ns, MODEL)), 60, "a plan")
+    # a rollout in flight (e.g. a re-plan at the end of the load test) finishes during an outage, as it should:
+    # compare Deployments once it is complete
+    wait_for(lambda: (c := condition(get_md(custom, ns, MODEL), "Available")) and c["status"] == "True", 120,
+             "the rollout in force to complete (Available=True)")
     before = _deployments(env)
     assert before and all(v > 0 for v in before.values())
     plan_before = _plan_id(get_md(custom, ns, MODEL))

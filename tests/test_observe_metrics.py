@@ -238,3 +238,19 @@ def test_resolve_workload_uses_the_per_bucket_output_means() -> None:
     w = resolve_workload(obs, md).workload
     assert w.output_mean_by_input == (127.0, 370.0, 370.0)
     assert [round(b.mean_out) for b in workload_buckets(w)] == [127, 370, 370]
+
+
+def test_queued_requests_are_planned_as_extra_load_to_drain() -> None:
+    from archipelago.api.v1alpha1 import ModelDeployment
+    from archipelago.controller.snapshot import resolve_workload
+    from archipelago.observe.metrics import ObservedWorkload
+
+    md = ModelDeployment.model_validate({
+        "apiVersion": "archipelago.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": "m", "namespace": "llm"},
+        "spec": {"model": {"name": "meta-llama/Llama-3.1-8B-Instruct"}, "sloRef": "s"}})
+    obs = ObservedWorkload("vllm", 30.0, 0.99, request_rate=10.0, prompt_tokens_mean=1000, output_tokens_mean=200,
+                           waiting=120.0)
+    assert resolve_workload(obs, md).workload.rate_rps == 10.0  # off by default in the pure function
+    assert resolve_workload(obs, md, backlog_drain_s=60).workload.rate_rps == pytest.approx(12.0)
+    idle = ObservedWorkload("vllm", 30.0, 0.99, request_rate=1.0, prompt_tokens_mean=1000, output_tokens_mean=200)
+    assert resolve_workload(idle, md, backlog_drain_s=60).workload.rate_rps == 1.0  # waiting unknown: nothing added

@@ -265,7 +265,7 @@ def build_requests(rt: Runtime, models: Mapping[str, ModelDeployment], slos: Map
                 choice = WorkloadChoice(frozen, "prometheus", f"Prometheus unavailable ({err}); keeping the "
                                                               "workload the plan in force was made for")
             else:
-                choice = resolve_workload(obs, md, err)
+                choice = resolve_workload(obs, md, err, backlog_drain_s=rt.cfg.backlog_drain_s)
             wl[key] = (choice, obs, err)
             slo = slos.get(f"{md.metadata.namespace}/{md.spec.slo_ref}")
             reqs.append(build_model_request(md, slo, choice.workload, rt.model_catalog, pools.keys()))
@@ -512,7 +512,10 @@ def _observed_block(choice: WorkloadChoice | None, observed: ObservedWorkload | 
         return None
     out: dict[str, Any] = {}
     if choice is not None:
-        out["requestsPerSecond"] = round(choice.workload.rate_rps, 6)
+        # the measured arrival rate (the planned rate may add a backlog to drain, see resolve_workload)
+        measured = observed.request_rate if (observed is not None and choice.source != "hint"
+                                             and observed.request_rate is not None) else choice.workload.rate_rps
+        out["requestsPerSecond"] = round(measured, 6)
         out["source"] = "hint" if choice.source == "hint" else "prometheus"
     else:
         out["source"] = "none"

@@ -96,6 +96,9 @@ class OperatorConfig:
         drain_s: after the routing ConfigMap switches to new islands, old islands (and replicas a
             shrinking island gives up) keep running this long so that routers pick up the new routes
             and requests in flight finish, seconds.
+        backlog_drain_s: requests queued in the engines are planned for as extra load spread over this
+            many seconds (``rate + waiting / backlog_drain_s``), so a fleet that fell behind gets the
+            capacity to catch up; 0 plans for the arrival rate alone.
         scale_down_window_s: the request rate a model is planned for is the highest rate observed over
             this window (scale-up follows a rise at once, scale-down waits until the rate stayed low
             for the whole window; the Kubernetes HPA's ``scaleDown.stabilizationWindowSeconds``,
@@ -125,6 +128,7 @@ class OperatorConfig:
     resync_s: float = 600.0
     rollout_timeout_s: float = 300.0
     drain_s: float = 30.0
+    backlog_drain_s: float = 60.0
     scale_down_window_s: float = 300.0
     max_workers: int = 4
     metrics_label: str = "archipelago_dev_model"
@@ -143,8 +147,8 @@ class OperatorConfig:
             raise ValueError(f"latency_quantile: {self.latency_quantile} must be in (0, 1)")
         if self.load_hysteresis < 0 or self.bo_margin < 0 or self.cooldown_s < 0:
             raise ValueError("load_hysteresis, bo_margin and cooldown_s must be >= 0")
-        if self.drain_s < 0 or self.scale_down_window_s < 0:
-            raise ValueError("drain_s and scale_down_window_s must be >= 0 seconds")
+        if self.drain_s < 0 or self.scale_down_window_s < 0 or self.backlog_drain_s < 0:
+            raise ValueError("drain_s, scale_down_window_s and backlog_drain_s must be >= 0 seconds")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> OperatorConfig:
