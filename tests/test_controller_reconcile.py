@@ -300,3 +300,32 @@ def test_scaling_an_island_keeps_the_live_node_preference_so_running_pods_are_no
     dep = next(o for o in rc.rollout(o2, live).apply if o["kind"] == "Deployment")
     assert dep["spec"]["replicas"] == 3
     assert dep["spec"]["template"] == live[("Deployment", dep["metadata"]["name"])]["spec"]["template"]  # no roll
+
+
+def test_node_preference_is_kept_against_a_live_object_with_server_defaults() -> None:
+    """The API server adds defaults to a Deployment's spec (strategy, revisionHistoryLimit, container
+    defaults ...): the decision must come from the stamped template hash, not from hashing the live spec."""
+    plan1, mp1 = make_plan([island("h100", "H100-SXM", 2, 2)],
+                           [PodAssignment("llm/chat/h100/tp2", f"p{k}", "h100-0", 2) for k in range(2)])
+    plan2, mp2 = make_plan([island("h100", "H100-SXM", 2, 3)],
+                           [PodAssignment("llm/chat/h100/tp2", f"p{k}", f"h100-{k}", 2) for k in range(3)])
+    o1 = rc.desired_objects(MD, *rc.renders_for_model(MD, mp1, plan1, POOLS), "a")
+    o2 = rc.desired_objects(MD, *rc.renders_for_model(MD, mp2, plan2, POOLS), "b")
+    live = {(o["kind"], o["metadata"]["name"]): _live(o) for o in o1}
+    name = next(o["metadata"]["name"] for o in o1 if o["kind"] == "Deployment")
+    lv = live[("Deployment", name)]
+    lv["spec"]["revisionHistoryLimit"] = 10
+    lv["spec"]["strategy"] = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}
+    lv["spec"]["template"]["spec"]["containers"][0]["terminationMessagePath"] = "/dev/termination-log"
+    dep = next(o for o in rc.rollout(o2, live).apply if o["kind"] == "Deployment")
+    want = lv["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert dep["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"] == want and dep["spec"]["replicas"] == 3
+    # a real template change (another engine image) still writes the new preference
+    o3 = json.loads(json.dumps(o2))
+    d3 = next(o for o in o3 if o["kind"] == "Deployment")
+    d3["spec"]["template"]["spec"]["containers"][0]["image"] = "vllm/vllm-openai:v9"
+    rc.stamp(d3)
+    dep3 = next(o for o in rc.rollout(o3, live).apply if o["kind"] == "Deployment")
+    assert dep3["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"] != want

@@ -36,7 +36,7 @@ from archipelago.act.manifests import (
 )
 from archipelago.api.conditions import get_condition, set_condition
 from archipelago.api.v1alpha1 import GPUPool, ModelDeployment, ServingSLO
-from archipelago.controller.settings import ANN_LAST_APPLIED_HASH, ANN_ROUTES_SWITCHED_AT
+from archipelago.controller.settings import ANN_LAST_APPLIED_HASH, ANN_ROUTES_SWITCHED_AT, ANN_TEMPLATE_HASH
 from archipelago.decide.planner.types import IslandPlan, ModelPlan, Plan
 from archipelago.observe.metrics import ObservedWorkload
 
@@ -154,9 +154,14 @@ def content_hash(obj: Mapping[str, Any]) -> str:
 
 
 def stamp(obj: dict[str, Any]) -> dict[str, Any]:
-    """Add the content-hash annotation to ``obj`` (in place) and return it."""
-    h = content_hash(obj)
-    obj["metadata"].setdefault("annotations", {})[ANN_LAST_APPLIED_HASH] = h
+    """Add the content-hash annotation to ``obj`` (in place) and return it; Deployments also get
+    ``archipelago.dev/template-hash`` (:func:`spec_hash`), compared with the live object's to tell a
+    replica or metadata change from one that needs new pods (the live ``spec`` itself carries
+    server-side defaults, so it never hashes like the desired one)."""
+    ann = obj["metadata"].setdefault("annotations", {})
+    if obj.get("kind") == "Deployment":
+        ann[ANN_TEMPLATE_HASH] = spec_hash(obj)
+    ann[ANN_LAST_APPLIED_HASH] = content_hash(obj)
     return obj
 
 
@@ -218,7 +223,9 @@ def keep_live_node_preference(obj: dict[str, Any], live: Mapping[str, Any]) -> d
     choice, and writing it into the pod template replaced every running pod of the island (seen in
     the demo: an overloaded L4 pod aborted 53 requests when its grace period ran out). New replicas
     are scheduled anywhere in the pool the required affinity allows."""
-    if spec_hash(obj) != spec_hash(live):
+    mine = ((obj.get("metadata") or {}).get("annotations") or {}).get(ANN_TEMPLATE_HASH) or spec_hash(obj)
+    theirs = ((live.get("metadata") or {}).get("annotations") or {}).get(ANN_TEMPLATE_HASH) or spec_hash(live)
+    if mine != theirs:
         return obj
     live_pref = _pref_path(live).get("preferredDuringSchedulingIgnoredDuringExecution")
     out = json.loads(json.dumps(obj))

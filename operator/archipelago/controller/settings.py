@@ -25,6 +25,8 @@ DOMAIN = "archipelago.dev"
 FINALIZER = f"{DOMAIN}/finalizer"
 PEERING_NAME = "archipelago"
 ANN_LAST_APPLIED_HASH = f"{DOMAIN}/spec-hash"
+#: hash of a Deployment's spec without replicas and preferred node affinity (what needs new pods when it changes)
+ANN_TEMPLATE_HASH = f"{DOMAIN}/template-hash"
 #: unix time at which the routing ConfigMap last switched to new routes (drain before removals)
 ANN_ROUTES_SWITCHED_AT = f"{DOMAIN}/routes-switched-at"
 
