@@ -64,7 +64,9 @@ OP_ARGS = ["--timer-interval", "2", "--cooldown", str(COOLDOWN_S), "--plan-time-
 OP_ENV = {"ARCHIPELAGO_METRICS_WINDOW_S": str(METRICS_WINDOW_S), "ARCHIPELAGO_METRICS_INTERVAL_S": "5",
           "ARCHIPELAGO_SCALE_DOWN_WINDOW_S": str(SCALE_DOWN_WINDOW_S), "ARCHIPELAGO_DRAIN_S": "20"}
 
-# Part of `make test`; alone: `make e2e-loop` (about 10 minutes).
+# Not in `make test`: run with `make e2e-loop` (about 10 minutes). FLAKY as of 2026-11-21: it passed in 4 of
+# the last 6 runs' load tests; in the failing one the consolidated plan (1x A100 + 1x H100) overloaded the
+# H100 (attainment ~0.2 at the end of the high phase) and the backlog grew too slowly to trigger a load-up.
 pytestmark = [pytest.mark.loop,
               pytest.mark.skipif(not TRACE.is_file(), reason=f"needs the Azure trace at {TRACE}")]
 
