@@ -286,14 +286,19 @@ def test_metadata_only_reapply_keeps_live_node_preference() -> None:
     assert rc.spec_hash(dep) == rc.spec_hash(live[("Deployment", "chat-h100-tp2")])
 
 
-def test_scaling_an_island_keeps_the_live_node_preference_so_running_pods_are_not_replaced() -> None:
+def _island_scaled_from_2_to_3():
+    """Objects of an H100 TP2 island at 2 replicas (live) and at 3 with another packing node choice."""
     plan1, mp1 = make_plan([island("h100", "H100-SXM", 2, 2)],
                            [PodAssignment("llm/chat/h100/tp2", f"p{k}", "h100-0", 2) for k in range(2)])
     plan2, mp2 = make_plan([island("h100", "H100-SXM", 2, 3)],
                            [PodAssignment("llm/chat/h100/tp2", f"p{k}", f"h100-{k}", 2) for k in range(3)])
     o1 = rc.desired_objects(MD, *rc.renders_for_model(MD, mp1, plan1, POOLS), "a")
     o2 = rc.desired_objects(MD, *rc.renders_for_model(MD, mp2, plan2, POOLS), "b")
-    live = {(o["kind"], o["metadata"]["name"]): _live(o) for o in o1}
+    return o1, o2, {(o["kind"], o["metadata"]["name"]): _live(o) for o in o1}
+
+
+def test_scaling_an_island_keeps_the_live_node_preference_so_running_pods_are_not_replaced() -> None:
+    o1, o2, live = _island_scaled_from_2_to_3()
     d1 = next(o for o in o1 if o["kind"] == "Deployment")
     d2 = next(o for o in o2 if o["kind"] == "Deployment")
     assert d1["spec"]["template"] != d2["spec"]["template"]  # the packing's node choice changed
@@ -305,13 +310,7 @@ def test_scaling_an_island_keeps_the_live_node_preference_so_running_pods_are_no
 def test_node_preference_is_kept_against_a_live_object_with_server_defaults() -> None:
     """The API server adds defaults to a Deployment's spec (strategy, revisionHistoryLimit, container
     defaults ...): the decision must come from the stamped template hash, not from hashing the live spec."""
-    plan1, mp1 = make_plan([island("h100", "H100-SXM", 2, 2)],
-                           [PodAssignment("llm/chat/h100/tp2", f"p{k}", "h100-0", 2) for k in range(2)])
-    plan2, mp2 = make_plan([island("h100", "H100-SXM", 2, 3)],
-                           [PodAssignment("llm/chat/h100/tp2", f"p{k}", f"h100-{k}", 2) for k in range(3)])
-    o1 = rc.desired_objects(MD, *rc.renders_for_model(MD, mp1, plan1, POOLS), "a")
-    o2 = rc.desired_objects(MD, *rc.renders_for_model(MD, mp2, plan2, POOLS), "b")
-    live = {(o["kind"], o["metadata"]["name"]): _live(o) for o in o1}
+    o1, o2, live = _island_scaled_from_2_to_3()
     name = next(o["metadata"]["name"] for o in o1 if o["kind"] == "Deployment")
     lv = live[("Deployment", name)]
     lv["spec"]["revisionHistoryLimit"] = 10
