@@ -249,3 +249,21 @@ def test_island_floor_keeps_running_islands_and_only_adds():
     assert grown.feasible and grown.gpus > p1.gpus
     with pytest.raises(PlannerInputError, match="island_floor"):
         PlannerConfig(island_floor={"x": -1})
+
+
+def test_island_capacity_scale_lowers_one_islands_capacity_only():
+    """The operator's correction after a measured SLO breach: halving one island's modelled capacity
+    doubles the replicas it needs for the same load, and leaves other islands' capacities alone."""
+    fl = fleet(pool("pm", "mid", 8))
+    reqs = [_req("ns/a", 14, 10.0, allowed_pools=("pm",), allowed_tp=(1,))]
+    base = _plan(fl, reqs)
+    (isl,) = base.islands
+    halved = _plan(fl, reqs, config=CFG.with_(island_capacity_scale={isl.id: 0.5}))
+    (isl2,) = halved.islands
+    assert isl2.id == isl.id and isl2.utilization == pytest.approx(isl.utilization * 2 * isl.replicas / isl2.replicas)
+    assert isl2.replicas >= 2 * isl.replicas - 1 and isl2.replicas > isl.replicas
+    other = _plan(fl, reqs, config=CFG.with_(island_capacity_scale={"ns/b/pm/tp1": 0.5}))
+    assert [(i.id, i.replicas) for i in other.islands] == [(isl.id, isl.replicas)]
+    for bad in (0.0, 1.5):
+        with pytest.raises(PlannerInputError, match="island_capacity_scale"):
+            PlannerConfig(island_capacity_scale={"x": bad})

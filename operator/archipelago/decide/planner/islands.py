@@ -237,11 +237,13 @@ def build_problem(fleet: FleetSnapshot, requests: list[ModelRequest], config: Pl
                 caps = [cache.get(ckey, perf, b, ttft_s=ttft, tpot_s=tpot, budget=budget,
                                   ttft_pct=req.slo.ttft_percentile, tpot_pct=req.slo.tpot_percentile)
                         for b in buckets]
-                scale = config.capacity_scale.get(p.name, 1.0) * config.model_capacity_scale.get(req.key, 1.0)
+                iid = island_id(req.key, p.name, tp)
+                scale = (config.capacity_scale.get(p.name, 1.0) * config.model_capacity_scale.get(req.key, 1.0)
+                         * config.island_capacity_scale.get(iid, 1.0))
                 if scale != 1.0:
                     caps = [Capacity(c.rate_rps * scale, c.binding, c.idle_ttft_s, c.idle_tpot_s,
                                      c.at_capacity) for c in caps]
-                v = Variant(model_idx=mi, iid=island_id(req.key, p.name, tp), pool=p.name, gpu=p.gpu,
+                v = Variant(model_idx=mi, iid=iid, pool=p.name, gpu=p.gpu,
                             tp=tp, perf=perf, limits=limits,
                             price=float(perf.price_per_hour(p.price_per_gpu_hour)),
                             busy_w=_power(perf, "decode", p.power_w, tp),

@@ -439,6 +439,10 @@ class PlannerConfig:
         model_max_num_seqs, model_max_num_batched_tokens: per-model engine-limit overrides
             (``{"ns/name": value}``), applied after the global ``max_num_seqs`` /
             ``max_num_batched_tokens``; the outer loop searches them per model.
+        island_capacity_scale: per-island multiplier of the modelled capacity (``{"ns/name/pool/tpN":
+            factor}``, factor in (0, 1]): the operator's correction after it measured an island
+            missing its SLO at a load the model said it could carry (see
+            ``archipelago.controller.planning.capacity_corrections``).
         island_floor: minimum replicas per island id (``{"ns/name/pool/tpN": replicas}``): a
             plan made for a load *rise* keeps what runs and only adds (the operator sets it for
             ``load-up`` re-plans, so a ramp grows the fleet instead of replacing islands that are
@@ -483,6 +487,7 @@ class PlannerConfig:
     model_max_num_batched_tokens: dict[str, int] = field(default_factory=dict)
     lp_hint: bool = True
     island_floor: dict[str, int] = field(default_factory=dict)
+    island_capacity_scale: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.capacity_model not in ("analytic", "simulated"):
@@ -504,6 +509,9 @@ class PlannerConfig:
         for k, v in self.island_floor.items():
             if int(v) < 0:
                 raise PlannerInputError(f"PlannerConfig.island_floor[{k!r}] must be >= 0, got {v!r}")
+        for k, v in self.island_capacity_scale.items():
+            if not 0.0 < float(v) <= 1.0:
+                raise PlannerInputError(f"PlannerConfig.island_capacity_scale[{k!r}] must be in (0, 1], got {v!r}")
         for fname in ("model_max_islands", "model_max_num_seqs", "model_max_num_batched_tokens"):
             for k, v in getattr(self, fname).items():
                 if int(v) < 1:
