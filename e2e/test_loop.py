@@ -60,9 +60,11 @@ COOLDOWN_S = 30
 SCALE_DOWN_WINDOW_S = 60
 METRICS_WINDOW_S = 30
 OP_ARGS = ["--timer-interval", "2", "--cooldown", str(COOLDOWN_S), "--plan-time-limit", "5"]
-#: planned rate = peak over the last 60 s (scale-down stabilization), drain 20 s after a routing switch
+#: planned rate = peak over the last 60 s (scale-down stabilization), lengths over 120 s, drain 20 s after a
+#: routing switch
 OP_ENV = {"ARCHIPELAGO_METRICS_WINDOW_S": str(METRICS_WINDOW_S), "ARCHIPELAGO_METRICS_INTERVAL_S": "5",
-          "ARCHIPELAGO_SCALE_DOWN_WINDOW_S": str(SCALE_DOWN_WINDOW_S), "ARCHIPELAGO_DRAIN_S": "20"}
+          "ARCHIPELAGO_SCALE_DOWN_WINDOW_S": str(SCALE_DOWN_WINDOW_S), "ARCHIPELAGO_DRAIN_S": "20",
+          "ARCHIPELAGO_METRICS_SHAPE_WINDOW_S": "120"}
 
 # Not in `make test`: run with `make e2e-loop` (about 10 minutes). FLAKY as of 2026-11-21: it passed in 4 of
 # the last 6 runs' load tests; in the failing one the consolidated plan (1x A100 + 1x H100) overloaded the

@@ -196,7 +196,8 @@ def main() -> int:
         op = OperatorProcess(cluster.kubeconfig, work, ["--timer-interval", "2", "--cooldown", "30",
                                                         "--plan-time-limit", "5", "--prometheus-url", p.url],
                              env={"ARCHIPELAGO_METRICS_WINDOW_S": "30", "ARCHIPELAGO_METRICS_INTERVAL_S": "5",
-                                  "ARCHIPELAGO_SCALE_DOWN_WINDOW_S": "60", "ARCHIPELAGO_DRAIN_S": "20"})
+                                  "ARCHIPELAGO_SCALE_DOWN_WINDOW_S": "60", "ARCHIPELAGO_DRAIN_S": "20",
+                                  "ARCHIPELAGO_METRICS_SHAPE_WINDOW_S": "120"})
         op.start()
         stack.append(("operator", op.stop))
         console.print(f"operator pid {op.pid} (log {op.log_path})")

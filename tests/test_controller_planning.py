@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
+
 from archipelago.controller.planning import PlanningService, _call_planner, spec_fingerprint
 from archipelago.controller.settings import OperatorConfig, configure_logging
 from archipelago.decide.planner.types import (
@@ -384,3 +386,112 @@ def test_workload_cache_keeps_last_good_observation_through_an_outage() -> None:
     obs2, err2 = cache.get("llm/chat", "vllm")
     assert obs2 is obs and "unreachable" in err2  # stale but kept; the error is reported
     assert issubclass(PrometheusUnavailable, RuntimeError)
+
+
+# ---------------------------------------------------------------- measured SLO breaches correct capacity
+def _island(iid: str, replicas: int, rate: float, util: float):
+    from archipelago.decide.planner.types import EngineSettings, IslandPlan, RangeShare
+
+    pool, tp = iid.split("/")[2], int(iid.split("/")[3][2:])
+    return IslandPlan(id=iid, model="llm/chat", pool=pool, gpu=pool.upper(), tp=tp, replicas=replicas, role="mixed",
+                      ranges=(RangeShare(0, 2048, 1.0, rate),), input_range=(0, 2048), traffic_share=1.0,
+                      engine=EngineSettings(256, 0.9, None, 8192), cost_per_hour=3.99 * replicas, power_w=700.0,
+                      utilization=util, ttft_p99_s=0.2, tpot_p99_s=0.05)
+
+
+def _island_plan(*islands) -> Plan:
+    from archipelago.decide.planner.types import ModelPlan
+
+    mp = ModelPlan(model="llm/chat", islands=tuple(islands), routing=((0, 2048, {i.id: 1.0 for i in islands}),),
+                   served_fraction=1.0, cost_per_hour=sum(i.cost_per_hour for i in islands), power_w=0.0,
+                   ttft_p99_s=0.2, tpot_p99_s=0.05)
+    return Plan(models=(mp,), assignments=(), cost_per_hour=mp.cost_per_hour, power_w=0.0)
+
+
+def _slo_req(rate: float) -> ModelRequest:
+    from archipelago.decide.sim import SLOTarget
+
+    return ModelRequest(key="llm/chat", model="m", slo=SLOTarget(ttft_s=1.0, tpot_s=0.1, ttft_percentile=0.9,
+                                                                   tpot_percentile=0.9, attainment=0.9),
+                        workload=Workload(rate, input_mean=1000, output_mean=200))
+
+
+def test_slo_breaches_judge_measured_latency_against_the_slo_and_size_the_correction() -> None:
+    from archipelago.controller.planning import slo_breaches
+    from archipelago.observe.metrics import IslandObservation as Obs
+
+    h100, a100 = _island("llm/chat/h100/tp1", 1, 6.0, 0.9), _island("llm/chat/a100/tp1", 1, 3.0, 0.6)
+    plan = _island_plan(h100, a100)
+    reqs = [_slo_req(9.0)]
+    # H100 saturated: modelled 6.67 req/s, served 5.0 at TPOT p90 0.12 s -> capacity x 0.9 * 5 / 6.67
+    got = slo_breaches(plan, reqs, {h100.id: Obs("h100-tp1", 5.0, 0.3, 0.12, 20, 15),
+                                    a100.id: Obs("a100-tp1", 3.0, 0.2, 0.05, 0, 0)})
+    assert [b.island for b in got] == [h100.id]
+    assert got[0].step == pytest.approx(0.9 * 5.0 / (6.0 / 0.9))
+    assert "inter-token latency p90 0.120 s > SLO 0.1 s" in got[0].message and "6.67 req/s modelled" in got[0].message
+    # within the tolerance, or no requests served: no breach
+    assert slo_breaches(plan, reqs, {h100.id: Obs("h100-tp1", 5.0, 1.04, 0.104, 0, 0)}) == []
+    assert slo_breaches(plan, reqs, {h100.id: Obs("h100-tp1", 0.0, 3.0, 0.3, 9, 9)}) == []
+    # a TTFT breach while the queue drains is a backlog being worked off; while it grows it is a breach
+    assert slo_breaches(plan, reqs, {h100.id: Obs("h100-tp1", 6.5, 4.0, 0.05, 30, -20)}) == []
+    (b,) = slo_breaches(plan, reqs, {h100.id: Obs("h100-tp1", 6.5, 4.0, 0.05, 30, 5)})
+    assert "TTFT p90 4.000 s > SLO 1 s" in b.message and b.step == pytest.approx(0.9 * 6.5 / (6.0 / 0.9))
+    # sent more than the model said it carries (6.67 req/s): no evidence against the model
+    assert slo_breaches(plan, reqs, {h100.id: Obs("h100-tp1", 7.2, 4.0, 0.15, 30, 5)}) == []
+    (b,) = slo_breaches(plan, reqs, {h100.id: Obs("h100-tp1", 0.5, 4.0, 0.05, 30, 5)})
+    assert b.step == 0.5  # one step never cuts more than half
+
+
+def test_slo_breach_lowers_the_islands_capacity_and_replans_once_per_settle_period() -> None:
+    from archipelago.observe.metrics import IslandObservation as Obs
+
+    h100 = _island("llm/chat/h100/tp1", 1, 6.0, 0.9)
+    configs = []
+
+    def planner(fleet, models, current, config, previous):
+        configs.append(config)
+        reps = 1 if not config.island_capacity_scale else 2  # a lower capacity needs another replica
+        return _island_plan(_island(h100.id, reps, 6.0, 0.9 / reps))
+
+    c = Clock()
+    s = PlanningService(OperatorConfig(cooldown_s=30, metrics_window_s=60, scale_down_window_s=0,
+                                       capacity_correction_ttl_s=600), plan_fn=planner, clock=c)
+    s.ensure_plan(fleet(), fp(fleet()), [_slo_req(6.0)], CurrentPlacement())
+    breach = {h100.id: Obs("h100-tp1", 5.0, 0.3, 0.13, 10, 8)}
+    c.t += 30  # the plan's own window is not yet in: wait max(cooldown, metrics window)
+    assert not s.ensure_plan(fleet(), fp(fleet()), [_slo_req(6.0)], CurrentPlacement(), measured=breach).replanned
+    c.t += 31
+    o = s.ensure_plan(fleet(), fp(fleet()), [_slo_req(6.0)], CurrentPlacement(), measured=breach)
+    step = 0.9 * 5.0 / (6.0 / 0.9)
+    assert o.trigger == "slo" and o.plan.models[0].islands[0].replicas == 2
+    assert configs[-1].island_capacity_scale == {h100.id: pytest.approx(step)}
+    assert configs[-1].island_floor == {h100.id: 1}  # like load-up: keep what runs, add
+    assert len(o.corrections) == 1 and o.corrections[0].startswith(h100.id) and "re-planning" in o.corrections[0]
+    # the new plan has to show its effect over a whole window first (a consolidation may come meanwhile)
+    c.t += 59
+    assert s.ensure_plan(fleet(), fp(fleet()), [_slo_req(6.0)], CurrentPlacement(),
+                         measured=breach).trigger in ("none", "consolidate")
+    c.t += 2  # still breaching: corrections compound, never below the floor
+    assert s.ensure_plan(fleet(), fp(fleet()), [_slo_req(6.0)], CurrentPlacement(), measured=breach).trigger == "slo"
+    # the plan in force models 2 replicas at 0.45 utilisation (13.3 req/s); 5 req/s served: the step is 0.5
+    assert s.capacity_corrections[h100.id] == pytest.approx(step * 0.5)
+    # later plans (any trigger) keep the correction until it expires or the spec changes
+    c.t += 61
+    s.ensure_plan(fleet(), fp(fleet()), [_slo_req(3.0)], CurrentPlacement())
+    assert configs[-1].island_capacity_scale == s.capacity_corrections != {}
+    c.t += 600
+    s.ensure_plan(fleet(), fp(fleet()), [_slo_req(9.0)], CurrentPlacement())
+    assert s.capacity_corrections == {} and configs[-1].island_capacity_scale == {}
+
+
+def test_measured_islands_match_the_pods_island_label_and_skip_stale_observations() -> None:
+    from archipelago.controller.handlers import measured_islands
+    from archipelago.observe.metrics import IslandObservation as Obs
+    from archipelago.observe.metrics import ObservedWorkload
+
+    plan = _island_plan(_island("llm/chat/h100/tp1", 1, 6.0, 0.9), _island("llm/chat/l4/tp2", 1, 1.0, 0.5))
+    obs = ObservedWorkload("vllm", 30.0, 0.99, islands=(Obs("h100-tp1", 5.0), Obs("l4-tp2", 1.0), Obs("gone-tp1", 1.0)))
+    got = measured_islands(plan, {"llm/chat": (None, obs, None)})
+    assert {k: v.island for k, v in got.items()} == {"llm/chat/h100/tp1": "h100-tp1", "llm/chat/l4/tp2": "l4-tp2"}
+    assert measured_islands(plan, {"llm/chat": (None, obs, "Prometheus unreachable")}) == {}  # stale: not judged
+    assert measured_islands(None, {"llm/chat": (None, obs, None)}) == {}

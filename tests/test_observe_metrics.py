@@ -254,3 +254,54 @@ def test_queued_requests_are_planned_as_extra_load_to_drain() -> None:
     assert resolve_workload(obs, md, backlog_drain_s=60).workload.rate_rps == pytest.approx(12.0)
     idle = ObservedWorkload("vllm", 30.0, 0.99, request_rate=1.0, prompt_tokens_mean=1000, output_tokens_mean=200)
     assert resolve_workload(idle, md, backlog_drain_s=60).workload.rate_rps == 1.0  # waiting unknown: nothing added
+
+
+def test_per_island_service_at_the_slo_percentiles() -> None:
+    """With an island label, each island's throughput, TTFT / inter-token latency at the asked quantiles and
+    queue come from ``sum by (island)`` queries; NaN quantiles (an island that served nothing) are unknown."""
+
+    def rows(**by):
+        return [{"metric": {"isl": k}, "value": [0, str(v)]} for k, v in by.items()]
+
+    class P(FakeProm):
+        def custom_query(self, q: str) -> list:
+            self.queries.append(q)
+            if q.startswith("sum by (isl) (rate(vllm:request_success_total"):
+                return rows(a=5.0, b=2.0)
+            if q.startswith("histogram_quantile(0.9, sum by (isl, le) (rate(vllm:time_to_first_token_seconds_bucket"):
+                return rows(a=0.4, b="NaN")
+            if q.startswith("histogram_quantile(0.95, sum by (isl, le) (rate(vllm:inter_token_latency_seconds_bucket"):
+                return rows(a=0.12, b=0.04)
+            if q.startswith("sum by (isl) (delta(vllm:num_requests_waiting"):
+                return rows(a=12, b=-3)
+            if q.startswith("sum by (isl) (vllm:num_requests_waiting"):
+                return rows(a=20, b=0)
+            return []
+
+    p = P({})
+    obs = observe_model(p, "vllm", {"namespace": "llm"}, window_s=30, group_label="isl", island_quantiles=(0.9, 0.95))
+    a, b = obs.islands
+    assert (a.island, a.completion_rate, a.ttft_p_s, a.itl_p_s, a.waiting, a.waiting_delta) == ("a", 5.0, 0.4, 0.12, 20, 12)
+    assert (b.island, b.ttft_p_s, b.itl_p_s, b.waiting_delta) == ("b", None, 0.04, -3)
+    assert observe_model(P({}), "vllm", {}, window_s=30).islands is None  # no island label: not asked
+    with pytest.raises(ValueError, match="quantile"):
+        observe_model(P({}), "vllm", {}, group_label="isl", island_quantiles=(0.9, 1.0))
+
+
+def test_the_workload_shape_has_its_own_longer_window() -> None:
+    """Rate and latency follow the short window; mean lengths and length histograms use the shape window."""
+    class P(FakeProm):
+        def custom_query(self, q: str) -> list:
+            self.queries.append(q)
+            return []
+
+    p = P({})
+    obs = observe_model(p, "vllm", {}, window_s=30, shape_window_s=600)
+    assert obs.shape_window_s == 600
+    for q in p.queries:
+        if "increase(" in q or "_bucket" in q and "histogram_quantile" not in q:
+            assert "[600s]" in q, q
+        else:
+            assert "[600s]" not in q, q
+    assert any("rate(vllm:request_success_total" in q and "[30s]" in q for q in p.queries)
+    assert observe_model(P({}), "vllm", {}, window_s=300, shape_window_s=60).shape_window_s == 300

@@ -31,6 +31,7 @@ from archipelago.act.manifests import (
     LABEL_POOL,
     MANAGED_BY,
     VERSION,
+    label_value,
 )
 from archipelago.api.conditions import set_condition
 from archipelago.api.v1alpha1 import (
@@ -64,7 +65,13 @@ from archipelago.controller.snapshot import (
 )
 from archipelago.decide.planner.types import ModelRequest
 from archipelago.observe.cluster import current_placement, is_ours, model_pods, pending_pods, pod_gpus
-from archipelago.observe.metrics import ObservedWorkload, PrometheusUnavailable, make_client, observe_model
+from archipelago.observe.metrics import (
+    IslandObservation,
+    ObservedWorkload,
+    PrometheusUnavailable,
+    make_client,
+    observe_model,
+)
 
 log = get_logger("archipelago.controller")
 ANN_PLAN_STATE = "archipelago.dev/plan-state"
@@ -89,8 +96,10 @@ class WorkloadCache:
         self._obs: dict[str, tuple[float, ObservedWorkload | None]] = {}
         self._err: dict[str, str | None] = {}
 
-    def get(self, key: str, engine: str) -> tuple[ObservedWorkload | None, str | None]:
-        """``(observation or None, error message or None)`` for ``namespace/name``."""
+    def get(self, key: str, engine: str, island_quantiles: tuple[float, float] | None = None
+            ) -> tuple[ObservedWorkload | None, str | None]:
+        """``(observation or None, error message or None)`` for ``namespace/name``; per-island
+        latencies at ``island_quantiles`` (the SLO's TTFT and TPOT percentiles as fractions)."""
         if self.client is None:
             return None, None
         now = time.monotonic()
@@ -102,7 +111,8 @@ class WorkloadCache:
         matchers = {self.cfg.metrics_namespace_label: ns, self.cfg.metrics_label: name}
         try:
             obs = observe_model(self.client, engine, matchers, self.cfg.metrics_window_s, self.cfg.latency_quantile,
-                                group_label=self.cfg.metrics_island_label or None)
+                                group_label=self.cfg.metrics_island_label or None, island_quantiles=island_quantiles,
+                                shape_window_s=self.cfg.metrics_shape_window_s)
             err = None
             PROMETHEUS_UP.set(1)
         except PrometheusUnavailable as e:
@@ -258,7 +268,10 @@ def build_requests(rt: Runtime, models: Mapping[str, ModelDeployment], slos: Map
     for key, md in sorted(models.items()):
         if md.spec.paused:
             continue
-        obs, err = rt.workloads.get(key, md.spec.engine.kind)
+        slo = slos.get(f"{md.metadata.namespace}/{md.spec.slo_ref}")
+        quantiles = ((min(0.999, slo.spec.ttft.percentile / 100.0), min(0.999, slo.spec.tpot.percentile / 100.0))
+                     if slo is not None else None)
+        obs, err = rt.workloads.get(key, md.spec.engine.kind, quantiles)
         try:
             frozen = rt.service.planned_workload(key) if err else None
             if frozen is not None:
@@ -267,7 +280,6 @@ def build_requests(rt: Runtime, models: Mapping[str, ModelDeployment], slos: Map
             else:
                 choice = resolve_workload(obs, md, err, backlog_drain_s=rt.cfg.backlog_drain_s)
             wl[key] = (choice, obs, err)
-            slo = slos.get(f"{md.metadata.namespace}/{md.spec.slo_ref}")
             reqs.append(build_model_request(md, slo, choice.workload, rt.model_catalog, pools.keys()))
         except SpecProblem as e:
             wl.setdefault(key, (None, obs, err))
@@ -276,6 +288,26 @@ def build_requests(rt: Runtime, models: Mapping[str, ModelDeployment], slos: Map
             wl.setdefault(key, (None, obs, err))
             problems[key] = SpecProblem("InvalidSpec", str(e))
     return reqs, problems, wl
+
+
+def measured_islands(plan: Any, wl: Mapping[str, tuple[WorkloadChoice | None, ObservedWorkload | None, str | None]]
+                     ) -> dict[str, IslandObservation]:
+    """``{island id: IslandObservation}`` for the islands of ``plan`` (the plan in force) that Prometheus
+    reports on, matched by the pods' island label; models whose last query failed are left out (their
+    observation is stale)."""
+    out: dict[str, IslandObservation] = {}
+    if plan is None:
+        return out
+    for mp in plan.models:
+        _, obs, err = wl.get(mp.model, (None, None, None))
+        if obs is None or err or not obs.islands:
+            continue
+        by_label = {o.island: o for o in obs.islands}
+        for ip in mp.islands:
+            o = by_label.get(label_value(rc.island_name(ip)))
+            if o is not None:
+                out[ip.id] = o
+    return out
 
 
 def _live_objects(idx: Mapping[str, Any], ns: str, name: str) -> dict[tuple[str, str], dict[str, Any]]:
@@ -364,7 +396,11 @@ def reconcile_model(rt: Runtime, body: Mapping[str, Any], idx: Mapping[str, Any]
 
         outcome = rt.service.ensure_plan(fleet.fleet, fleet.fingerprint(), reqs, current_placement(pods),
                                          force=(reason == "update" and _generation_changed(old_status, gen)),
-                                         fleet_for=fleet_for, restore=lambda: _persisted_plans(idx))
+                                         fleet_for=fleet_for, restore=lambda: _persisted_plans(idx),
+                                         measured=measured_islands(rt.service.last_plan, wl))
+        for note in outcome.corrections:
+            if note.startswith(f"{key}/"):
+                events.append(("Warning", "CapacityCorrected", note[len(key) + 1:]))
         if outcome.plan is not None:
             state = _plan_state(outcome, key)
             if ((meta.get("annotations") or {}).get(ANN_PLAN_STATE)) != state:
@@ -439,6 +475,10 @@ def reconcile_model(rt: Runtime, body: Mapping[str, Any], idx: Mapping[str, Any]
                                           "(kubectl describe pod) or cordoned nodes")
         infeas = rc.infeasibility_for(plan, key, slo.spec.attainment if slo else 1.0)
         msg = f"plan {mpid} (trigger {outcome.plan_trigger}); " + (choice.message if choice else "")
+        corr = {iid[len(key) + 1:]: f for iid, f in rt.service.capacity_corrections.items() if iid.startswith(f"{key}/")}
+        if corr:
+            msg += "; capacity corrected after measured SLO breaches: " + ", ".join(
+                f"{i} x{f:.2f}" for i, f in sorted(corr.items()))
         notes = rc.partial_notes(plan, key)
         if notes:
             msg += f"; planner notes: {notes}"

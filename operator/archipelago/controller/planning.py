@@ -19,6 +19,16 @@ service decides whether the current plan still stands:
 * **load** (the rate fell by more than ``load_hysteresis``) -> re-plan only once ``cooldown_s`` has
   passed since the plan last *changed* (no flapping; a re-plan that keeps the plan in force costs no
   churn, so it does not restart the cooldown);
+* **slo** (an island of the plan in force measured missing its SLO -- TTFT or inter-token latency at
+  the SLO's percentile above target by more than ``slo_breach_tolerance``, a TTFT breach only while
+  its queue is not draining -- once the plan has been in force for ``max(cooldown_s,
+  metrics_window_s)``, at a load within its modelled capacity) -> the modelled capacity of each
+  breaching island is lowered (:func:`slo_breaches`: to 90 % of the throughput it measured while it
+  breached, between 0.5x and 0.9x per step, never below 0.25x in all) and the fleet re-planned like ``load-up`` (only adds).
+  Corrections apply to every later plan for ``capacity_correction_ttl_s`` or until the model's spec
+  changes: the performance model and the calibration are approximations, and a serving fleet must
+  notice when it misses the SLO at a load the model said it could carry. At most one ``slo``
+  re-plan per settle period, so a breach is judged on a window the re-plan no longer covers;
 * otherwise the last plan is reused.
 
 The request rate a model is planned for is the highest rate seen over the last
@@ -42,7 +52,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -61,8 +71,15 @@ from archipelago.decide.planner.types import (
     RangeShare,
     SolveStats,
 )
+from archipelago.observe.metrics import IslandObservation
 
 log = get_logger("archipelago.planning")
+
+#: An island's capacity correction per breach stays within these bounds; the product of all its
+#: corrections never goes below CORRECTION_FLOOR.
+CORRECTION_STEP_MIN, CORRECTION_STEP_MAX, CORRECTION_FLOOR = 0.5, 0.9, 0.25
+#: Target utilisation of the measured throughput after a correction (10 % below what breached).
+CORRECTION_MARGIN = 0.9
 
 PlanFn = Callable[..., Plan]
 
@@ -115,6 +132,82 @@ def unattainable_models(plan: Plan, models: Sequence[ModelRequest]) -> set[str]:
     for i in plan.infeasibilities:
         if i.constraint in SPEC_CONSTRAINTS and i.model in target and i.served_fraction < target[i.model] - 1e-9:
             out.add(i.model)
+    return out
+
+
+@dataclass(frozen=True)
+class SLOBreach:
+    """An island measured missing its model's SLO.
+
+    Attributes:
+        island: island id (``ns/name/pool/tpN``).
+        step: multiplier for its modelled capacity, in [CORRECTION_STEP_MIN, CORRECTION_STEP_MAX].
+        message: what was measured against what was planned, for Events and logs.
+    """
+
+    island: str
+    step: float
+    message: str
+
+
+def slo_breaches(plan: Plan | None, models: Sequence[ModelRequest], measured: Mapping[str, IslandObservation],
+                 tolerance: float = 0.05) -> list[SLOBreach]:
+    """Islands of ``plan`` whose measured latency misses their model's SLO, with a capacity correction each.
+
+    An island breaches when it served requests in the window at no more than its modelled capacity
+    (``0 < completion_rate <= modelled * (1 + tolerance)``, ``modelled = planned / utilization``
+    req/s over its replicas, from ``IslandPlan.ranges`` and ``IslandPlan.utilization``: an island
+    sent more than that -- routes not switched yet, a rise below the load hysteresis -- says nothing
+    against the capacity model) and its TTFT at the SLO's TTFT percentile exceeds ``slo.ttft_s * (1 +
+    tolerance)`` while its queue did not shrink over the window (``waiting_delta >= 0`` or unknown: a
+    queue that drains is a backlog being worked off, not a lack of capacity), or its inter-token
+    latency at the SLO's TPOT percentile exceeds ``slo.tpot_s * (1 + tolerance)``.
+
+    The step: it served ``completion_rate`` while breaching, so its real capacity at the SLO is below
+    that: ``step = CORRECTION_MARGIN * completion_rate / modelled``, clipped to
+    [CORRECTION_STEP_MIN, CORRECTION_STEP_MAX] (every correction removes at least 10 %, at most half).
+
+    Args:
+        plan: the plan in force (None: no breaches).
+        models: the planned requests (their ``slo`` is a ``SLOTarget``: seconds and fractions).
+        measured: ``{island id: IslandObservation}`` for the islands Prometheus reports on.
+        tolerance: relative slack over the targets (>= 0).
+
+    Returns:
+        one :class:`SLOBreach` per breaching island, in island-id order.
+    """
+    if plan is None:
+        return []
+    slos = {m.key: m.slo for m in models}
+    out = []
+    for mp in plan.models:
+        slo = slos.get(mp.model)
+        if slo is None:
+            continue
+        for ip in sorted(mp.islands, key=lambda i: i.id):
+            o = measured.get(ip.id)
+            if o is None or ip.replicas <= 0 or not o.completion_rate or o.completion_rate <= 0:
+                continue
+            over = []
+            if (o.ttft_p_s is not None and o.ttft_p_s > slo.ttft_s * (1 + tolerance)
+                    and (o.waiting_delta is None or o.waiting_delta >= 0)):
+                over.append(f"TTFT p{slo.ttft_percentile * 100:g} {o.ttft_p_s:.3f} s > SLO {slo.ttft_s:g} s")
+            if o.itl_p_s is not None and o.itl_p_s > slo.tpot_s * (1 + tolerance):
+                over.append(f"inter-token latency p{slo.tpot_percentile * 100:g} {o.itl_p_s:.3f} s > "
+                            f"SLO {slo.tpot_s:g} s")
+            if not over:
+                continue
+            planned = sum(r.rate_rps for r in ip.ranges)
+            modelled = planned / ip.utilization if ip.utilization > 0 and planned > 0 else 0.0
+            if modelled <= 0 or o.completion_rate > modelled * (1 + tolerance):
+                # sent more than the model said it carries (routes not yet switched, or a rise below the
+                # load hysteresis): no evidence against the capacity model
+                continue
+            step = min(CORRECTION_STEP_MAX, max(CORRECTION_STEP_MIN, CORRECTION_MARGIN * o.completion_rate / modelled))
+            basis = (f"while serving {o.completion_rate:.2f} req/s (planned {planned:.2f} req/s of "
+                     f"{modelled:.2f} req/s modelled capacity)")
+            out.append(SLOBreach(ip.id, step, f"{ip.id}: measured {' and '.join(over)} {basis}; modelled "
+                                              f"capacity scaled by {step:.2f}"))
     return out
 
 
@@ -200,6 +293,27 @@ def plan_from_slices(slices: Sequence[dict[str, Any]]) -> Plan:
                 stats=SolveStats(method="restored"))
 
 
+def workload_summary(w: Any) -> dict[str, Any]:
+    """The planned workload in one log-friendly dict (rate req/s, prompt histogram, output means)."""
+    def r(x: Any) -> Any:
+        return round(x, 1) if isinstance(x, int | float) else x
+
+    by_in = getattr(w, "output_mean_by_input", None)
+    return {"rate_rps": round(w.rate_rps, 3), "input_hist": [(e, r(c)) for e, c in getattr(w, "input_hist", ())],
+            "input_mean": r(getattr(w, "input_mean", None)), "output_mean": r(getattr(w, "output_mean", None)),
+            "output_mean_by_input": [r(x) for x in by_in] if by_in else None}
+
+
+def island_summary(i: IslandPlan) -> str:
+    """``<pool>/tpN x<replicas> share=<traffic share> util=<utilisation> ranges=<lo-hi:share,...>``
+    (fields a test double lacks are left out)."""
+    rs = getattr(i, "ranges", ())
+    ranges = ",".join(f"{r.lo:g}-{r.hi:g}:{r.share:.2f}" for r in rs)
+    return (f"{getattr(i, 'pool', '?')}/tp{getattr(i, 'tp', '?')} x{i.replicas} "
+            f"share={getattr(i, 'traffic_share', 0.0):.2f} util={getattr(i, 'utilization', 0.0):.2f} "
+            f"rate={sum(r.rate_rps for r in rs):.2f} ranges={ranges}")
+
+
 def spec_fingerprint(models: Sequence[ModelRequest]) -> tuple:
     """Identity of everything but the load: per model key, model, SLO, bounds, pools, TP, priority, engine."""
     out = []
@@ -223,6 +337,8 @@ class PlanOutcome:
         solve_s: planner wall time of the last run, seconds.
         plan_trigger: the trigger that produced the plan in force (differs from ``trigger`` when reused).
         digest: :func:`inputs_digest` of the inputs the plan in force was computed from.
+        corrections: messages of the capacity corrections made by this call (trigger ``slo``), each
+            starting with the island id.
     """
 
     plan: Plan | None
@@ -233,6 +349,7 @@ class PlanOutcome:
     solve_s: float = 0.0
     plan_trigger: str = "none"
     digest: str = ""
+    corrections: tuple[str, ...] = ()
 
 
 @dataclass
@@ -253,6 +370,9 @@ class _State:
     model_fps: dict[str, tuple] = field(default_factory=dict)
     digest: str = ""
     workloads: dict[str, Any] = field(default_factory=dict)
+    #: island id -> (capacity factor, monotonic time set, the model's spec fingerprint then)
+    corrections: dict[str, tuple[float, float, tuple]] = field(default_factory=dict)
+    slo_mono: float = -1e18
 
 
 class PlanningService:
@@ -314,17 +434,36 @@ class PlanningService:
         return self._s.plan
 
     def planner_config(self) -> PlannerConfig:
-        """The ``PlannerConfig`` for the fast loop (time limits from the operator configuration)."""
+        """The ``PlannerConfig`` for the fast loop (time limits from the operator configuration, the
+        capacity corrections in force as ``island_capacity_scale``)."""
         t = self.cfg.plan_time_limit_s
         return PlannerConfig(inner_time_limit_s=t, packing_time_limit_s=max(1.0, t / 2),
-                             capacity_model=self.cfg.capacity_model)
+                             capacity_model=self.cfg.capacity_model,
+                             island_capacity_scale={i: c[0] for i, c in self._s.corrections.items()})
 
-    def decide_trigger(self, spec_fp: tuple, fleet_fp: tuple, loads: dict[str, float]) -> str:
+    @property
+    def capacity_corrections(self) -> dict[str, float]:
+        """``{island id: capacity factor}`` applied to plans now (see the ``slo`` trigger)."""
+        return {i: c[0] for i, c in self._s.corrections.items()}
+
+    def _expire_corrections(self, models: Sequence[ModelRequest]) -> None:
+        ttl = self.cfg.capacity_correction_ttl_s
+        now = self._clock()
+        fps = {m.key: spec_fingerprint([m]) for m in models}
+        for iid, (_, at, fp) in list(self._s.corrections.items()):
+            key = iid.rsplit("/", 2)[0]
+            if fps.get(key) != fp or (ttl > 0 and now - at > ttl):
+                del self._s.corrections[iid]
+
+    def decide_trigger(self, spec_fp: tuple, fleet_fp: tuple, loads: dict[str, float],
+                       slo_breach: bool = False) -> str:
         """Which trigger (if any) calls for a re-plan: ``initial``, ``spec``, ``nodes``, ``load-up`` (a
         model's planned rate rose by more than ``load_hysteresis``: at once, an under-provisioned model
-        misses its SLO while it waits), ``load`` (it fell by more than that, or a new model's load: only
-        once ``cooldown_s`` has passed since the plan last changed), ``retry`` (the last run failed and
-        the cooldown has passed) or ``none``."""
+        misses its SLO while it waits), ``slo`` (``slo_breach``: an island measured missing its SLO,
+        once the plan and the last ``slo`` re-plan are ``max(cooldown_s, metrics_window_s)`` old),
+        ``load`` (the rate fell by more than the hysteresis, or a new model's load: only once
+        ``cooldown_s`` has passed since the plan last changed), ``consolidate``, ``retry`` (the last run
+        failed and the cooldown has passed) or ``none``."""
         s = self._s
         if s.plan is None:
             return "initial"
@@ -339,6 +478,10 @@ class PlanningService:
             old = s.loads.get(key)
             if old is not None and rate > max(old, 1e-6) * (1.0 + h):
                 return "load-up"
+        settle = max(self.cfg.cooldown_s, self.cfg.metrics_window_s)
+        now = self._clock()
+        if slo_breach and now - s.changed_mono >= settle and now - s.slo_mono >= settle:
+            return "slo"
         if self._clock() - s.changed_mono >= self.cfg.cooldown_s:
             for key, rate in loads.items():
                 old = s.loads.get(key)
@@ -352,7 +495,8 @@ class PlanningService:
     def ensure_plan(self, fleet: FleetSnapshot, fleet_fp: tuple, models: Sequence[ModelRequest],
                     current: CurrentPlacement, force: bool = False,
                     fleet_for: Callable[[set[str]], FleetSnapshot] | None = None,
-                    restore: Callable[[], dict[str, tuple[str, dict[str, Any]]]] | None = None) -> PlanOutcome:
+                    restore: Callable[[], dict[str, tuple[str, dict[str, Any]]]] | None = None,
+                    measured: Mapping[str, IslandObservation] | None = None) -> PlanOutcome:
         """Return the plan in force, re-planning first when a trigger fires (see module doc).
 
         Models whose SLO the planner finds unattainable (:func:`unattainable_models`) are planned out:
@@ -367,13 +511,20 @@ class PlanningService:
         ``{model key: (inputs digest, model_slice)}`` persisted by the previous process; when every
         requested model has a slice with the current inputs' digest, that plan is adopted as it was
         (trigger ``restored``) instead of solving again -- same inputs, same decision.
+
+        ``measured`` (``{island id: IslandObservation}`` of the plan in force) feeds the ``slo``
+        trigger (:func:`slo_breaches`).
         """
         with self._lock:
             models = self.stabilized(models)
             spec_fp = spec_fingerprint(models)
             loads = {m.key: m.workload.rate_rps for m in models}
             s = self._s
-            trigger = "spec" if force and s.plan is not None else self.decide_trigger(spec_fp, fleet_fp, loads)
+            self._expire_corrections(models)
+            breaches = slo_breaches(s.plan, models, measured or {}, self.cfg.slo_breach_tolerance) \
+                if measured and s.error is None else []
+            trigger = "spec" if force and s.plan is not None else self.decide_trigger(spec_fp, fleet_fp, loads,
+                                                                                      bool(breaches))
             digest = inputs_digest(spec_fp, fleet_fp, loads)
             if s.plan is None and restore is not None and models:
                 restored = self._restore(restore, models, digest)
@@ -396,8 +547,20 @@ class PlanningService:
                 s.changed_mono = s.mono
                 return PlanOutcome(None, True, trigger)
             fn = self._plan_fn or default_plan_fn()
+            notes_out: tuple[str, ...] = ()
+            if trigger == "slo":
+                fps = {m.key: spec_fingerprint([m]) for m in models}
+                for b in breaches:
+                    old_f = s.corrections.get(b.island, (1.0, 0.0, ()))[0]
+                    s.corrections[b.island] = (max(CORRECTION_FLOOR, old_f * b.step), self._clock(),
+                                               fps.get(b.island.rsplit("/", 2)[0], ()))
+                s.slo_mono = self._clock()
+                notes_out = tuple(f"{b.message} (now {s.corrections[b.island][0]:.2f} in all); re-planning"
+                                  for b in breaches)
+                for n in notes_out:
+                    log.warning("SLO breach: capacity corrected", detail=n)
             cfg = self.planner_config()
-            if trigger == "load-up" and s.plan is not None:
+            if trigger in ("load-up", "slo") and s.plan is not None:
                 cfg = replace(cfg, island_floor={i.id: i.replicas for mp in s.plan.models for i in mp.islands
                                                  if i.replicas > 0})
             t0 = time.perf_counter()
@@ -435,8 +598,8 @@ class PlanningService:
             PLANS_TOTAL.labels(trigger, "feasible" if plan.feasible else "infeasible").inc()
             if s.plan is None or plan.plan_id != s.plan.plan_id:
                 s.changed_mono = self._clock()
-                s.floored = trigger == "load-up"
-            elif trigger != "load-up":
+                s.floored = trigger in ("load-up", "slo")
+            elif trigger not in ("load-up", "slo"):
                 s.floored = False  # an unconstrained re-plan kept the fleet: nothing to consolidate
             s.plan, s.spec_fp, s.fleet_fp, s.loads = plan, spec_fp, fleet_fp, loads
             s.mono, s.wall, s.solve_s, s.trigger, s.error = self._clock(), time.time(), dt, trigger, None
@@ -445,9 +608,12 @@ class PlanningService:
             s.workloads = {m.key: m.workload for m in models}
             s.bo_candidate = None
             log.info("planned", trigger=trigger, plan_id=plan.plan_id, cost_per_hour=round(plan.cost_per_hour, 3),
-                     gpus=plan.gpus, feasible=plan.feasible, solve_s=round(dt, 3))
+                     gpus=plan.gpus, feasible=plan.feasible, solve_s=round(dt, 3),
+                     workloads={m.key: workload_summary(m.workload) for m in models},
+                     islands=[island_summary(i) for mp in plan.models for i in mp.islands],
+                     capacity_corrections={i: round(f, 3) for i, f in self.capacity_corrections.items()})
             self._start_bo(fleet, list(models), current, plan, (spec_fp, fleet_fp))
-            return PlanOutcome(plan, True, trigger, None, s.wall, dt, trigger, digest)
+            return PlanOutcome(plan, True, trigger, None, s.wall, dt, trigger, digest, notes_out)
 
     # -- BO outer loop --------------------------------------------------------------------------
     def _restore(self, restore: Callable[[], dict[str, tuple[str, dict[str, Any]]]],

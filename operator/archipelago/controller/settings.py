@@ -77,6 +77,9 @@ class OperatorConfig:
     Attributes:
         prometheus_url: Prometheus base URL for workload metrics; empty disables metrics (hints only).
         metrics_window_s: rate/increase window of the workload queries, seconds.
+        metrics_shape_window_s: window of the workload's shape (mean lengths, length histograms, output
+            means per prompt range), seconds; the larger of this and ``metrics_window_s`` is used (a
+            stationary mix is estimated better over a longer window than the rate needs).
         latency_quantile: quantile of the observed TTFT / inter-token latency (0.99 = p99).
         metrics_interval_s: how often a model's workload is re-queried, seconds.
         timer_interval_s: period of the level-based reconcile timer of every ModelDeployment and GPUPool.
@@ -105,6 +108,12 @@ class OperatorConfig:
             this window (scale-up follows a rise at once, scale-down waits until the rate stayed low
             for the whole window; the Kubernetes HPA's ``scaleDown.stabilizationWindowSeconds``,
             default 300 s there too); 0 plans for the latest rate.
+        slo_breach_tolerance: an island *breaches* its SLO when its measured TTFT or inter-token
+            latency at the SLO's percentile exceeds the target by more than this fraction (0.05 = 5 %);
+            a breach the plan did not predict lowers that island's modelled capacity and re-plans
+            (trigger ``slo``, see ``archipelago.controller.planning``).
+        capacity_correction_ttl_s: how long such a capacity correction is applied to later plans,
+            seconds (0 = until the model's spec changes).
         max_workers: kopf's thread pool size for sync handlers.
         metrics_label: Prometheus label holding the ModelDeployment name on engine series
             (the scrape config's relabelling of the pod label ``archipelago.dev/model``).
@@ -116,6 +125,7 @@ class OperatorConfig:
 
     prometheus_url: str = ""
     metrics_window_s: float = 300.0
+    metrics_shape_window_s: float = 600.0
     latency_quantile: float = 0.99
     metrics_interval_s: float = 30.0
     timer_interval_s: float = 5.0
@@ -132,6 +142,8 @@ class OperatorConfig:
     drain_s: float = 30.0
     backlog_drain_s: float = 60.0
     scale_down_window_s: float = 300.0
+    slo_breach_tolerance: float = 0.05
+    capacity_correction_ttl_s: float = 1800.0
     max_workers: int = 4
     metrics_label: str = "archipelago_dev_model"
     metrics_namespace_label: str = "namespace"
@@ -151,6 +163,8 @@ class OperatorConfig:
             raise ValueError("load_hysteresis, bo_margin and cooldown_s must be >= 0")
         if self.drain_s < 0 or self.scale_down_window_s < 0 or self.backlog_drain_s < 0:
             raise ValueError("drain_s, scale_down_window_s and backlog_drain_s must be >= 0 seconds")
+        if self.slo_breach_tolerance < 0 or self.capacity_correction_ttl_s < 0:
+            raise ValueError("slo_breach_tolerance and capacity_correction_ttl_s must be >= 0")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> OperatorConfig:

@@ -170,7 +170,9 @@ def resolve_workload(observed: ObservedWorkload | None, md: ModelDeployment, pro
         if missing:
             return WorkloadChoice(w, "mixed", f"measured request rate; {', '.join(missing)} unknown in Prometheus, "
                                               "taken from spec.workloadHint")
-        return WorkloadChoice(w, "prometheus", f"measured over {int(observed.window_s)}s")
+        shape = observed.shape_window_s
+        lengths = f", lengths over {int(shape)}s" if shape and shape > observed.window_s else ""
+        return WorkloadChoice(w, "prometheus", f"measured over {int(observed.window_s)}s{lengths}")
     if hint is None:
         raise SpecProblem("NoWorkload", "no workload metrics for this model"
                                         + (f" ({why})" if why else "")

@@ -100,6 +100,27 @@ class HistogramBucket:
 
 
 @dataclass(frozen=True)
+class IslandObservation:
+    """Measured service of one island (one value of the island label) over the query window.
+
+    Attributes:
+        island: the island label value (``<pool>-tp<N>``, as on the pods).
+        completion_rate: finished requests per second (None when unknown).
+        ttft_p_s / itl_p_s: TTFT and inter-token latency at the asked quantiles (seconds; None when
+            the island served nothing in the window or the series are missing).
+        waiting: requests queued now, summed over the island's replicas.
+        waiting_delta: growth of that queue over the window (negative: a backlog is draining).
+    """
+
+    island: str
+    completion_rate: float | None = None
+    ttft_p_s: float | None = None
+    itl_p_s: float | None = None
+    waiting: float | None = None
+    waiting_delta: float | None = None
+
+
+@dataclass(frozen=True)
 class ObservedWorkload:
     """What Prometheus says about one model over ``window_s`` seconds. ``None`` means unknown.
 
@@ -120,6 +141,11 @@ class ObservedWorkload:
             ``prompt_len_buckets`` (same order), estimated from per-island series (see
             :func:`output_means_by_prompt_bucket`); None unless at least two islands report. Not
             listed in ``unknown``: it refines the global mean and is optional.
+        shape_window_s: the window of the lengths, histograms and output means (seconds; None means
+            ``window_s``).
+        islands: per-island service (:class:`IslandObservation`), when a ``group_label`` was given
+            (None otherwise); the operator compares it with the SLO to correct capacities it
+            over-estimated.
         unknown: names of the figures that are unknown, for the status message.
     """
 
@@ -139,6 +165,8 @@ class ObservedWorkload:
     waiting: float | None = None
     unknown: tuple[str, ...] = field(default_factory=tuple)
     output_mean_by_prompt_bucket: tuple[float, ...] | None = None
+    islands: tuple[IslandObservation, ...] | None = None
+    shape_window_s: float | None = None
 
     @property
     def has_load(self) -> bool:
@@ -272,7 +300,9 @@ def output_means_by_prompt_bucket(prompt_buckets: tuple[HistogramBucket, ...],
 
 
 def observe_model(client: Any, engine: str, matchers: Mapping[str, str], window_s: float = 300.0,
-                  quantile: float = 0.99, group_label: str | None = None) -> ObservedWorkload:
+                  quantile: float = 0.99, group_label: str | None = None,
+                  island_quantiles: tuple[float, float] | None = None,
+                  shape_window_s: float | None = None) -> ObservedWorkload:
     """Query workload and latency of one model.
 
     Args:
@@ -283,7 +313,15 @@ def observe_model(client: Any, engine: str, matchers: Mapping[str, str], window_
         window_s: rate/increase window in seconds (>= 1).
         quantile: latency quantile in (0, 1), e.g. 0.99 for p99.
         group_label: label that tells the model's islands apart (e.g. ``archipelago_dev_island``);
-            when given, per-island series estimate ``output_mean_by_prompt_bucket``.
+            when given, per-island series estimate ``output_mean_by_prompt_bucket`` and give
+            ``islands`` (per-island service).
+        island_quantiles: ``(TTFT quantile, inter-token latency quantile)`` of the per-island
+            latencies, in (0, 1) -- the SLO's percentiles; default ``(quantile, quantile)``.
+        shape_window_s: window of the workload's *shape* -- mean lengths, length histograms, output
+            means per prompt bucket -- in seconds; ``max(window_s, shape_window_s)`` is used (default
+            ``window_s``). The rate needs a short window to follow load steps; the shape of a
+            stationary mix is better estimated over a longer one (30 s windows of a 10 req/s trace
+            swung per-bucket output means between ~150 and ~390 tokens in the loop e2e).
 
     Raises:
         PrometheusUnavailable: Prometheus unreachable or failing (5xx).
@@ -292,8 +330,12 @@ def observe_model(client: Any, engine: str, matchers: Mapping[str, str], window_
     """
     if engine not in METRIC_NAMES:
         raise ValueError(f"engine: {engine!r} has no metric names; use vllm or sglang")
-    if not 0.0 < quantile < 1.0:
-        raise ValueError(f"quantile: {quantile} must be in (0, 1)")
+    iq = island_quantiles or (quantile, quantile)
+    for qv in (quantile, *iq):
+        if not 0.0 < qv < 1.0:
+            raise ValueError(f"quantile: {qv} must be in (0, 1)")
+    if group_label and not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", group_label):
+        raise ValueError(f"group_label: {group_label!r} is not a Prometheus label name")
     names = METRIC_NAMES[engine]
     sel = selector(matchers)
     w = _window(window_s)
@@ -307,9 +349,11 @@ def observe_model(client: Any, engine: str, matchers: Mapping[str, str], window_
     rate = completion_rate
     if rate is not None and d_wait is not None:
         rate = rate + max(0.0, d_wait + (d_run or 0.0)) / float(window_s)
-    inc_req = _first_known(q, names.requests_total, f"sum(increase({_M}{sel}[{w}]))")
-    inc_prompt = _first_known(q, names.prompt_tokens_total, f"sum(increase({_M}{sel}[{w}]))")
-    inc_gen = _first_known(q, names.generation_tokens_total, f"sum(increase({_M}{sel}[{w}]))")
+    shape_s = max(float(window_s), float(shape_window_s or 0.0))
+    ws = _window(shape_s)
+    inc_req = _first_known(q, names.requests_total, f"sum(increase({_M}{sel}[{ws}]))")
+    inc_prompt = _first_known(q, names.prompt_tokens_total, f"sum(increase({_M}{sel}[{ws}]))")
+    inc_gen = _first_known(q, names.generation_tokens_total, f"sum(increase({_M}{sel}[{ws}]))")
 
     def mean(tokens: float | None) -> float | None:
         if tokens is None or inc_req is None or inc_req <= 0:
@@ -318,7 +362,7 @@ def observe_model(client: Any, engine: str, matchers: Mapping[str, str], window_
 
     def hist(hnames: tuple[str, ...]) -> tuple[HistogramBucket, ...] | None:
         for name in hnames:
-            b = _buckets(q(f"sum by (le) (increase({name}_bucket{sel}[{w}]))"))
+            b = _buckets(q(f"sum by (le) (increase({name}_bucket{sel}[{ws}]))"))
             if b is not None:
                 return b
         return None
@@ -344,16 +388,44 @@ def observe_model(client: Any, engine: str, matchers: Mapping[str, str], window_
     unknown = tuple(k for k, v in obs.items() if v is None)
     by_bucket = None
     if group_label and obs["prompt_len_buckets"] and obs["output_tokens_mean"] and names.prompt_len_hist:
-        by_bucket = _output_by_bucket(q, names, sel, w, group_label, obs["prompt_len_buckets"],
+        by_bucket = _output_by_bucket(q, names, sel, ws, group_label, obs["prompt_len_buckets"],
                                       obs["output_tokens_mean"])
+    islands = _islands(q, names, sel, w, group_label, iq) if group_label else None
     return ObservedWorkload(engine=engine, window_s=float(window_s), quantile=quantile, unknown=unknown,
-                            output_mean_by_prompt_bucket=by_bucket, **obs)
+                            output_mean_by_prompt_bucket=by_bucket, islands=islands, shape_window_s=shape_s, **obs)
+
+
+def _per_group(q: QueryFn, names: tuple[str, ...], template: str, group: str) -> dict[str, float]:
+    """``{group value: number}`` from the first metric name that has series (NaN/Inf values left out)."""
+    for name in names:
+        rows = q(template.replace(_M, name))
+        if not rows:
+            continue
+        out: dict[str, float] = {}
+        for r in rows:
+            g = (r.get("metric") or {}).get(group)
+            v = _scalar([r])
+            if g is not None and v is not None:
+                out[str(g)] = v
+        return out
+    return {}
+
+
+def _islands(q: QueryFn, names: EngineMetricNames, sel: str, w: str, group: str,
+             quantiles: tuple[float, float]) -> tuple[IslandObservation, ...]:
+    done = _per_group(q, names.requests_total, f"sum by ({group}) (rate({_M}{sel}[{w}]))", group)
+    hq = "histogram_quantile({q}, sum by ({g}, le) (rate({m}_bucket{sel}[{w}])))"
+    ttft = _per_group(q, names.ttft_hist, hq.format(q=quantiles[0], g=group, m=_M, sel=sel, w=w), group)
+    itl = _per_group(q, names.itl_hist, hq.format(q=quantiles[1], g=group, m=_M, sel=sel, w=w), group)
+    waiting = _per_group(q, names.waiting, f"sum by ({group}) ({_M}{sel})", group)
+    d_wait = _per_group(q, names.waiting, f"sum by ({group}) (delta({_M}{sel}[{w}]))", group)
+    keys = sorted(set(done) | set(ttft) | set(itl) | set(waiting))
+    return tuple(IslandObservation(k, done.get(k), ttft.get(k), itl.get(k), waiting.get(k), d_wait.get(k))
+                 for k in keys)
 
 
 def _output_by_bucket(q: QueryFn, names: EngineMetricNames, sel: str, w: str, group: str,
                       prompt_buckets: tuple[HistogramBucket, ...], overall: float) -> tuple[float, ...] | None:
-    if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", group):
-        raise ValueError(f"group_label: {group!r} is not a Prometheus label name")
     hist_rows = q(f"sum by ({group}, le) (increase({names.prompt_len_hist[0]}_bucket{sel}[{w}]))")
     gen_rows = q(f"sum by ({group}) (increase({names.generation_tokens_total[0]}{sel}[{w}]))")
     req_rows = q(f"sum by ({group}) (increase({names.requests_total[0]}{sel}[{w}]))")
