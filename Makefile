@@ -40,7 +40,7 @@ e2e: setup
 	$(PY) scripts/pytest_strict.py e2e -m "not loop"
 
 test: setup lint
-	$(PY) scripts/pytest_strict.py tests e2e -m "not loop"
+	$(PY) scripts/pytest_strict.py tests e2e
 
 e2e-loop: setup
 	$(PY) scripts/pytest_strict.py e2e/test_loop.py -m loop

@@ -66,9 +66,9 @@ OP_ENV = {"ARCHIPELAGO_METRICS_WINDOW_S": str(METRICS_WINDOW_S), "ARCHIPELAGO_ME
           "ARCHIPELAGO_SCALE_DOWN_WINDOW_S": str(SCALE_DOWN_WINDOW_S), "ARCHIPELAGO_DRAIN_S": "20",
           "ARCHIPELAGO_METRICS_SHAPE_WINDOW_S": "120"}
 
-# Not in `make test`: run with `make e2e-loop` (about 10 minutes). FLAKY as of 2026-11-21: it passed in 4 of
-# the last 6 runs' load tests; in the failing one the consolidated plan (1x A100 + 1x H100) overloaded the
-# H100 (attainment ~0.2 at the end of the high phase) and the backlog grew too slowly to trigger a load-up.
+# Part of `make test` (about 10 minutes; alone: `make e2e-loop`). It was out of it while flaky (2026-11-21: a
+# consolidated plan overloaded its H100 and nothing re-planned); the operator now corrects the capacity of an
+# island measured missing its SLO (trigger `slo`, docs/operator.md).
 pytestmark = [pytest.mark.loop,
               pytest.mark.skipif(not TRACE.is_file(), reason=f"needs the Azure trace at {TRACE}")]
 
