@@ -328,3 +328,26 @@ def test_speedup_compresses_wall_time_but_metrics_stay_in_model_seconds() -> Non
     e2e_sum = [s for s in fam["vllm:e2e_request_latency_seconds"].samples if s.name.endswith("_sum")][0].value
     assert e2e_sum == pytest.approx(model_e2e, rel=0.05)
     assert wall < model_e2e / 5
+
+
+def test_slowdown_makes_every_step_slower_than_the_performance_model() -> None:
+    """Fault injection (``--slowdown`` / the fleet emulator's ``GPU=FACTOR``): steps take FACTOR x the model's time."""
+    spec = parse_engine_argv(
+        ["vllm", "serve", LLAMA8, "--max-model-len", "8192", "--port", "0", "--host", "127.0.0.1", "--slowdown", "3"],
+        env={}, gpu="A100-80GB")
+    assert spec.slowdown == 3.0
+
+    async def go(eng, s, base):
+        t0 = time.monotonic()
+        async with s.post(base + "/v1/completions", json={"prompt": "hi", "archipelago_prompt_tokens": 4000,
+                                                          "max_tokens": 1}) as r:
+            assert r.status == 200
+        return time.monotonic() - t0, eng.perf
+
+    took, perf = asyncio.run(_with_engine(spec, go))
+    modelled = spec.perf().step_time(4000, 0, 0.0)
+    assert perf.step_time(4000, 0, 0.0) == pytest.approx(3 * modelled)
+    assert 3 * modelled <= took <= 3 * modelled + 0.1
+    assert perf.kv_capacity_tokens == spec.perf().kv_capacity_tokens  # only time changes
+    with pytest.raises(EmulatorConfigError, match="slowdown"):
+        parse_engine_argv(["vllm", "serve", LLAMA8, "--slowdown", "0"], env={}, gpu="A100-80GB")

@@ -56,6 +56,9 @@ def test_pod_helpers_read_the_operators_manifests() -> None:
     spec = spec_for_pod(pod, {"nvidia.com/gpu.product": H100})
     assert (spec.gpu.name, spec.tp, spec.limits.max_num_seqs, spec.port, spec.host) == ("H100-SXM", 1, 32, 0,
                                                                                       "127.0.0.1")
+    assert spec.slowdown == 1.0
+    assert spec_for_pod(pod, {"nvidia.com/gpu.product": H100}, slowdown={"H100-SXM": 1.8}).slowdown == 1.8
+    assert spec_for_pod(pod, {"nvidia.com/gpu.product": H100}, slowdown={"L4": 2.0}).slowdown == 1.0
     assert target_labels(pod) == {"pod": "chat-h100-tp1-abc", "namespace": "llm", "model": "chat",
                                   "island": "h100-tp1", "node": "gpu-h100-0", "archipelago_dev_model": "chat",
                                   "archipelago_dev_island": "h100-tp1"}

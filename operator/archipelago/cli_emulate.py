@@ -125,15 +125,30 @@ def emulate_fleet_command(
     speedup: float = typer.Option(1.0, "--speedup", help="Emulated seconds per wall second for every engine."),
     poll: float = typer.Option(2.0, "--poll", help="Seconds between pod polls."),
     admin_port: int = typer.Option(-1, "--admin-port", help="Serve GET /endpoints on this port (0: any, -1: off)."),
+    slowdown: list[str] = typer.Option([], "--slowdown", help="GPU=FACTOR (repeatable): engines on that GPU type "
+                                       "(catalogue name, e.g. H100-SXM) run FACTOR times slower than the performance "
+                                       "model -- fault injection for the operator's SLO feedback."),
 ) -> None:
     """Run one emulated engine per Running operator pod (KWOK fleets have no processes)."""
     from archipelago.emulate.fleet import FleetEmulator
+
+    slow: dict[str, float] = {}
+    for item in slowdown:
+        gpu, sep, factor = item.partition("=")
+        try:
+            slow[gpu.strip()] = float(factor)
+            if not sep or not gpu.strip() or slow[gpu.strip()] <= 0:
+                raise ValueError
+        except ValueError:
+            raise typer.BadParameter(f"{item!r}: use GPU=FACTOR with a factor > 0, e.g. H100-SXM=1.8",
+                                     param_hint="--slowdown") from None
 
     kc = kubeconfig or (str(run_dir / "kubeconfig") if (run_dir / "kubeconfig").is_file() else None)
     api = _core_api(kc)
     fe = FleetEmulator(api, run_dir / "prometheus" / "targets", endpoints_file=run_dir / "emulator" / "endpoints.json",
                        namespace=namespace or None, speedup=speedup, poll_s=poll,
-                       admin_port=None if admin_port < 0 else admin_port, log=lambda s: typer.echo(s))
+                       admin_port=None if admin_port < 0 else admin_port, log=lambda s: typer.echo(s),
+                       slowdown=slow)
     _run_until_signal(fe.run)
 
 

@@ -180,6 +180,9 @@ class EngineSpec:
         speedup: emulated seconds per wall second (> 0); 1 = real time.
         default_output_tokens: output length of requests without ``max_tokens``, tokens.
         startup_delay_s: seconds (wall) before ``/health`` turns 200, emulating model loading.
+        slowdown: every engine step takes this many times the performance model's time (> 0; 1 = as
+            modelled). Fault injection: a GPU slower than the operator's model of it (throttling, an
+            older driver, a catalogue entry that is wrong), to test that the operator notices.
     """
 
     kind: EngineKind
@@ -194,10 +197,35 @@ class EngineSpec:
     speedup: float = 1.0
     default_output_tokens: int = DEFAULT_OUTPUT_TOKENS
     startup_delay_s: float = 0.0
+    slowdown: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.slowdown > 0:
+            raise EmulatorConfigError(f"--slowdown: {self.slowdown} must be > 0 (1 = as modelled)")
 
     def perf(self) -> PerfModel:
         """The performance model of this replica (:class:`PerfModel`)."""
         return PerfModel(self.model_spec, self.gpu, self.tp, self.limits)
+
+    def served_perf(self) -> Any:
+        """The model the engine actually runs at: :meth:`perf`, with step times x ``slowdown``."""
+        p = self.perf()
+        return p if self.slowdown == 1.0 else SlowedPerf(p, self.slowdown)
+
+
+class SlowedPerf:
+    """A performance model whose steps take ``factor`` times longer (``EngineSpec.slowdown``); every other
+    attribute (memory, KV capacity, fit) is the wrapped model's."""
+
+    def __init__(self, perf: PerfModel, factor: float) -> None:
+        self._perf, self.factor = perf, float(factor)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._perf, name)
+
+    def step_time(self, *args: Any, **kwargs: Any) -> float:
+        """The wrapped model's ``step_time`` x ``factor`` (seconds)."""
+        return float(self._perf.step_time(*args, **kwargs)) * self.factor
 
 
 # flags taking a value that the emulator reads (both engines); everything else is ignored
@@ -205,7 +233,7 @@ _VALUE_FLAGS = {
     "--model", "--model-path", "--served-model-name", "--tensor-parallel-size", "-tp", "--tp-size", "--tp",
     "--max-num-seqs", "--max-running-requests", "--max-num-batched-tokens", "--chunked-prefill-size",
     "--gpu-memory-utilization", "--mem-fraction-static", "--max-model-len", "--context-length",
-    "--quantization", "-q", "--kv-cache-dtype", "--host", "--port", "--gpu", "--speedup", "--engine",
+    "--quantization", "-q", "--kv-cache-dtype", "--host", "--port", "--gpu", "--speedup", "--slowdown", "--engine",
     "--default-output-tokens", "--startup-delay", "--pipeline-parallel-size", "-pp",
 }
 _SWITCH_FLAGS = {"--enable-chunked-prefill", "--no-enable-chunked-prefill", "--enable-expert-parallel",
@@ -331,7 +359,8 @@ def parse_engine_argv(
     ``--kv-cache-dtype``, ``--[no-]enable-chunked-prefill``, ``--served-model-name``, ``--host``,
     ``--port``; SGLang ``--model-path``, ``--tp-size``, ``--max-running-requests``,
     ``--chunked-prefill-size``, ``--mem-fraction-static``, ``--context-length``; emulator ``--gpu``,
-    ``--speedup``, ``--default-output-tokens``, ``--startup-delay`` (seconds). Other flags are ignored.
+    ``--speedup``, ``--slowdown``, ``--default-output-tokens``, ``--startup-delay`` (seconds). Other flags
+    are ignored.
 
     The GPU type, first found: ``gpu`` argument, ``--gpu``, ``ARCHIPELAGO_GPU`` (catalogue key or
     label value), ``ARCHIPELAGO_GPU_PRODUCT`` (``nvidia.com/gpu.product`` value), the
@@ -442,6 +471,7 @@ def parse_engine_argv(
         speedup=float(sp),
         default_output_tokens=_int_flag(flags, ("--default-output-tokens",)) or DEFAULT_OUTPUT_TOKENS,
         startup_delay_s=_float_flag(flags, ("--startup-delay",), -1e-9, 1e6) or 0.0,
+        slowdown=_float_flag(flags, ("--slowdown",), 0.0, 1e6) or 1.0,
     )
 
 
@@ -690,7 +720,7 @@ class EmulatedEngine:
 
     def __init__(self, spec: EngineSpec) -> None:
         self.spec = spec
-        self.perf = spec.perf()
+        self.perf = spec.served_perf()
         self.scheduler = BatchScheduler(self.perf, spec.limits)
         self.metrics = EngineMetrics(spec.kind, spec.served_model_name, spec.limits.max_model_len or 1)
         self._t0 = time.monotonic()

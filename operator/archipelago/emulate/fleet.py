@@ -34,7 +34,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -125,8 +125,9 @@ def pod_gpu(pod: Mapping[str, Any], node_labels: Mapping[str, str] | None) -> st
 
 def spec_for_pod(pod: Mapping[str, Any], node_labels: Mapping[str, str] | None, *, host: str = "127.0.0.1",
                  speedup: float = 1.0, models_path: str | Path | None = None,
-                 gpus_path: str | Path | None = None) -> EngineSpec:
-    """The :class:`EngineSpec` that emulates ``pod`` on its node, listening on ``host`` at a free port.
+                 gpus_path: str | Path | None = None, slowdown: Mapping[str, float] | None = None) -> EngineSpec:
+    """The :class:`EngineSpec` that emulates ``pod`` on its node, listening on ``host`` at a free port;
+    ``slowdown`` maps GPU catalogue names (``H100-SXM``) to ``EngineSpec.slowdown`` factors.
 
     Raises:
         EmulatorConfigError: no command, no GPU type known for the node, unknown model, model does not fit.
@@ -138,8 +139,10 @@ def spec_for_pod(pod: Mapping[str, Any], node_labels: Mapping[str, str] | None, 
             f"pod {pod_key(pod)}: node {node!r} has no nvidia.com/gpu.product label and the pod has no "
             f"{GPU_TYPE_ANNOTATION} annotation; label the node with its GPU product"
         )
-    return parse_engine_argv(pod_engine_argv(pod), env={}, gpu=gpu, host=host, port=0, speedup=speedup,
+    spec = parse_engine_argv(pod_engine_argv(pod), env={}, gpu=gpu, host=host, port=0, speedup=speedup,
                              models_path=models_path, gpus_path=gpus_path)
+    factor = (slowdown or {}).get(spec.gpu.name, 1.0)
+    return spec if factor == 1.0 else replace(spec, slowdown=float(factor))
 
 
 def target_labels(pod: Mapping[str, Any]) -> dict[str, str]:
@@ -270,6 +273,8 @@ class FleetEmulator:
         log: callable taking one line of text (default ``print``).
         grace_s: seconds an engine whose pod went away keeps serving its in-flight requests (>= 0;
             Kubernetes' default ``terminationGracePeriodSeconds`` is 30).
+        slowdown: ``{GPU catalogue name: factor}``: engines on that GPU run their steps this many times
+            slower than the performance model (fault injection, see ``EngineSpec.slowdown``).
 
     Raises:
         ValueError: ``poll_s`` <= 0, ``speedup`` <= 0 or ``grace_s`` < 0.
@@ -279,13 +284,18 @@ class FleetEmulator:
                  namespace: str | None = None, selector: str = MANAGED_SELECTOR, host: str = "127.0.0.1",
                  speedup: float = 1.0, poll_s: float = 2.0, admin_port: int | None = None,
                  models_path: str | Path | None = None, gpus_path: str | Path | None = None,
-                 log: Callable[[str], None] = print, grace_s: float = 30.0) -> None:
+                 log: Callable[[str], None] = print, grace_s: float = 30.0,
+                 slowdown: Mapping[str, float] | None = None) -> None:
         if not poll_s > 0:
             raise ValueError(f"poll_s must be > 0 seconds, got {poll_s}")
         if not grace_s >= 0:
             raise ValueError(f"grace_s must be >= 0 seconds, got {grace_s}")
         if not speedup > 0:
             raise ValueError(f"speedup must be > 0, got {speedup}")
+        self.slowdown = dict(slowdown or {})
+        for g, f in self.slowdown.items():
+            if not f > 0:
+                raise ValueError(f"slowdown[{g!r}] must be > 0, got {f}")
         self.api = core_api
         self.targets_dir = Path(targets_dir)
         self.endpoints_file = Path(endpoints_file) if endpoints_file else None
@@ -374,7 +384,7 @@ class FleetEmulator:
             node = (pod.get("spec") or {}).get("nodeName")
             try:
                 spec = spec_for_pod(pod, self._node_labels.get(node), host=self.host, speedup=self.speedup,
-                                    models_path=self.models_path, gpus_path=self.gpus_path)
+                                    models_path=self.models_path, gpus_path=self.gpus_path, slowdown=self.slowdown)
                 eng = EmulatedEngine(spec)
                 port = await eng.start()
             except (EmulatorConfigError, ValueError, OSError) as exc:
