@@ -276,6 +276,13 @@ def test_per_island_service_at_the_slo_percentiles() -> None:
                 return rows(a=12, b=-3)
             if q.startswith("sum by (isl) (vllm:num_requests_waiting"):
                 return rows(a=20, b=0)
+            if q.startswith("sum by (isl) (delta(vllm:num_requests_running"):
+                return rows(a=30)
+            if q.startswith("sum by (isl) (vllm:num_requests_running"):
+                return rows(a=200, b=10)
+            if q.startswith("sum by (isl) (rate(vllm:inter_token_latency_seconds_sum"):
+                assert "/ sum by (isl) (rate(vllm:inter_token_latency_seconds_count" in q
+                return rows(a=0.09, b=0.03)
             return []
 
     p = P({})
@@ -283,6 +290,8 @@ def test_per_island_service_at_the_slo_percentiles() -> None:
     a, b = obs.islands
     assert (a.island, a.completion_rate, a.ttft_p_s, a.itl_p_s, a.waiting, a.waiting_delta) == ("a", 5.0, 0.4, 0.12, 20, 12)
     assert (b.island, b.ttft_p_s, b.itl_p_s, b.waiting_delta) == ("b", None, 0.04, -3)
+    assert (a.running, a.running_delta, a.itl_mean_s, b.running, b.running_delta, b.itl_mean_s) == (
+        200, 30, 0.09, 10, None, 0.03)
     assert observe_model(P({}), "vllm", {}, window_s=30).islands is None  # no island label: not asked
     with pytest.raises(ValueError, match="quantile"):
         observe_model(P({}), "vllm", {}, group_label="isl", island_quantiles=(0.9, 1.0))

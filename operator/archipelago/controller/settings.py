@@ -108,6 +108,8 @@ class OperatorConfig:
             this window (scale-up follows a rise at once, scale-down waits until the rate stayed low
             for the whole window; the Kubernetes HPA's ``scaleDown.stabilizationWindowSeconds``,
             default 300 s there too); 0 plans for the latest rate.
+        load_up_z: a rise of a model's request rate triggers ``load-up`` only when it is also this many
+            standard deviations of Poisson counting noise over the metrics window (3 = 3 sigma).
         slo_breach_tolerance: an island *breaches* its SLO when its measured TTFT or inter-token
             latency at the SLO's percentile exceeds the target by more than this fraction (0.05 = 5 %);
             a breach the plan did not predict lowers that island's modelled capacity and re-plans
@@ -142,6 +144,7 @@ class OperatorConfig:
     drain_s: float = 30.0
     backlog_drain_s: float = 60.0
     scale_down_window_s: float = 300.0
+    load_up_z: float = 3.0
     slo_breach_tolerance: float = 0.05
     capacity_correction_ttl_s: float = 1800.0
     max_workers: int = 4
@@ -163,8 +166,8 @@ class OperatorConfig:
             raise ValueError("load_hysteresis, bo_margin and cooldown_s must be >= 0")
         if self.drain_s < 0 or self.scale_down_window_s < 0 or self.backlog_drain_s < 0:
             raise ValueError("drain_s, scale_down_window_s and backlog_drain_s must be >= 0 seconds")
-        if self.slo_breach_tolerance < 0 or self.capacity_correction_ttl_s < 0:
-            raise ValueError("slo_breach_tolerance and capacity_correction_ttl_s must be >= 0")
+        if self.slo_breach_tolerance < 0 or self.capacity_correction_ttl_s < 0 or self.load_up_z < 0:
+            raise ValueError("slo_breach_tolerance, capacity_correction_ttl_s and load_up_z must be >= 0")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> OperatorConfig:

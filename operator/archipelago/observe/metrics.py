@@ -110,6 +110,9 @@ class IslandObservation:
             the island served nothing in the window or the series are missing).
         waiting: requests queued now, summed over the island's replicas.
         waiting_delta: growth of that queue over the window (negative: a backlog is draining).
+        running: requests in the running batch now, summed over replicas.
+        running_delta: growth of the running batch over the window.
+        itl_mean_s: mean inter-token latency over the window (histogram sum / count, seconds).
     """
 
     island: str
@@ -118,6 +121,9 @@ class IslandObservation:
     itl_p_s: float | None = None
     waiting: float | None = None
     waiting_delta: float | None = None
+    running: float | None = None
+    running_delta: float | None = None
+    itl_mean_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -419,9 +425,13 @@ def _islands(q: QueryFn, names: EngineMetricNames, sel: str, w: str, group: str,
     itl = _per_group(q, names.itl_hist, hq.format(q=quantiles[1], g=group, m=_M, sel=sel, w=w), group)
     waiting = _per_group(q, names.waiting, f"sum by ({group}) ({_M}{sel})", group)
     d_wait = _per_group(q, names.waiting, f"sum by ({group}) (delta({_M}{sel}[{w}]))", group)
+    running = _per_group(q, names.running, f"sum by ({group}) ({_M}{sel})", group)
+    d_run = _per_group(q, names.running, f"sum by ({group}) (delta({_M}{sel}[{w}]))", group)
+    itl_mean = _per_group(q, names.itl_hist, f"sum by ({group}) (rate({_M}_sum{sel}[{w}])) / "
+                                             f"sum by ({group}) (rate({_M}_count{sel}[{w}]))", group)
     keys = sorted(set(done) | set(ttft) | set(itl) | set(waiting))
-    return tuple(IslandObservation(k, done.get(k), ttft.get(k), itl.get(k), waiting.get(k), d_wait.get(k))
-                 for k in keys)
+    return tuple(IslandObservation(k, done.get(k), ttft.get(k), itl.get(k), waiting.get(k), d_wait.get(k),
+                                   running.get(k), d_run.get(k), itl_mean.get(k)) for k in keys)
 
 
 def _output_by_bucket(q: QueryFn, names: EngineMetricNames, sel: str, w: str, group: str,
