@@ -43,7 +43,7 @@ test: setup lint
 	$(PY) scripts/pytest_strict.py tests e2e
 
 e2e-loop: setup
-	$(PY) scripts/pytest_strict.py e2e/test_loop.py -m loop
+	$(PY) scripts/pytest_strict.py e2e -m loop
 
 demo: setup
 	$(PY) scripts/demo.py --fleet $(FLEET)

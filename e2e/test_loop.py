@@ -23,35 +23,25 @@ Patel et al., "Splitwise", ISCA 2024, CC-BY-4.0). Logs: ``<cluster work dir>/loo
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import secrets
-import signal
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
-from kubernetes import client
-from kubernetes.client.rest import ApiException
 
 import prometheus as prom
-from operator_fixtures import (
-    OperatorProcess,
-    apply_custom,
-    condition,
-    get_md,
-    load_samples,
-    our_deployments,
-    wait_for,
+from loop_support import (
+    MODEL,
+    TRACE,
+    TRACE_RPS,
+    LoadThread,
+    loop_environment,
+    plan_cost,
+    plan_gpus,
+    plan_id,
+    plan_shape,
 )
+from operator_fixtures import condition, get_md, our_deployments, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
-TRACE = REPO.parent / "shared" / "data" / "traces" / "AzureLLMInferenceTrace_conv.csv"
-MODEL = "llama-3-1-8b"
 #: phases of the replayed load: (seconds, rate scale of the conversation trace, ~5.4 req/s at 1x)
 LOW, HIGH = 0.3, 2.0
 #: phase lengths, seconds: low, high (several-fold), low again (long enough to see scale-in, then steady load)
@@ -73,127 +63,11 @@ pytestmark = [pytest.mark.loop,
               pytest.mark.skipif(not TRACE.is_file(), reason=f"needs the Azure trace at {TRACE}")]
 
 
-class LoadThread:
-    """Runs a :class:`~archipelago.emulate.replay.Replayer` over a phased trace in a background thread."""
-
-    def __init__(self, kubeconfig: Path, ns: str, endpoints: Path, phases: list[tuple[float, float]],
-                 ttft_s: float, tpot_s: float) -> None:
-        from kubernetes import config
-
-        from archipelago.decide.sim import SLOTarget
-        from archipelago.decide.traces import load_azure_csv
-        from archipelago.emulate.replay import FileEndpoints, Replayer, phased_trace, routing_from_configmap
-
-        api = client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
-        trace = phased_trace(load_azure_csv(TRACE), phases, start_s=60.0)
-        self.windows: list = []
-        self.replayer = Replayer(trace, lambda: routing_from_configmap(api, ns, f"{MODEL}-routing"),
-                                 FileEndpoints(endpoints), slo=SLOTarget(ttft_s=ttft_s, tpot_s=tpot_s),
-                                 window_s=10.0, on_window=self.windows.append, timeout_s=120)
-        self.t0 = time.monotonic()
-        self.result = None
-        self.error: BaseException | None = None
-        self._loop = asyncio.new_event_loop()
-        self._stop: asyncio.Event | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._stop = asyncio.Event()
-        try:
-            self.result = self._loop.run_until_complete(self.replayer.run(self._stop))
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            self.error = e
-
-    def start(self) -> LoadThread:
-        self.t0 = time.monotonic()
-        self.thread.start()
-        return self
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.t0
-
-    def stop(self) -> None:
-        if self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self.thread.join(60)
-
-    def attainment(self, since_s: float, until_s: float | None = None) -> float | None:
-        """Attainment over requests finished between ``since_s`` and ``until_s`` (replay seconds)."""
-        from archipelago.emulate.replay import summarize
-
-        recs = [r for r in self.replayer.records if r.status != "pending" and r.done_s >= since_s
-                and (until_s is None or r.done_s < until_s)]
-        return summarize(recs, self.replayer.slo)["attainment"] if recs else None
-
-
-def _gpus(md: dict) -> int:
-    plan = (md.get("status") or {}).get("plan") or {}
-    return sum(int(i["replicas"]) * int(i["tp"]) for i in plan.get("islands") or [])
-
-
-def _cost(md: dict) -> float:
-    """Predicted $/h of the current plan: the planner's measure of capacity bought (scale-out or a change
-    to larger islands both raise it; the planner minimises it subject to the SLO)."""
-    plan = (md.get("status") or {}).get("plan") or {}
-    return float((plan.get("predicted") or {}).get("dollarsPerHour") or 0.0)
-
-
-def _shape(md: dict) -> tuple:
-    """The islands of the current plan as sorted (gpu, tp, replicas)."""
-    plan = (md.get("status") or {}).get("plan") or {}
-    return tuple(sorted((i["gpu"], int(i["tp"]), int(i["replicas"])) for i in plan.get("islands") or []))
-
-
-def _plan_id(md: dict) -> str:
-    return ((md.get("status") or {}).get("plan") or {}).get("planId", "")
-
-
 @pytest.fixture(scope="module")
 def loop_env(cluster, api):
     """Prometheus + fleet emulator + operator + a namespace with the pools, SLO and one model."""
-    work = cluster.work_dir / "loop"
-    work.mkdir(parents=True, exist_ok=True)
-    core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
-    procs: dict[str, object] = {}
-    p = prom.start_prometheus(work, scrape_interval="2s")
-    procs["prometheus"] = p
-    ns = f"loop-{secrets.token_hex(3)}"
-    fleet_log = open(work / "fleet-emulator.log", "ab")  # noqa: SIM115 - closed in teardown
-    fleet = subprocess.Popen(
-        [sys.executable, "-m", "archipelago.cli_emulate", "emulate-fleet", "--run-dir", str(work),
-         "--kubeconfig", str(cluster.kubeconfig), "--poll", "1", "--namespace", ns],
-        stdout=fleet_log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-    op = OperatorProcess(cluster.kubeconfig, work, [*OP_ARGS, "--prometheus-url", p.url], env=OP_ENV)
-    try:
-        op.start()
-        core.create_namespace({"metadata": {"name": ns}})
-        slo_doc = None
-        for obj in load_samples(ns):
-            if obj["kind"] == "GPUPool" or (obj["kind"] == "ServingSLO" and obj["metadata"]["name"] == "interactive"):
-                apply_custom(custom, obj)
-                if obj["kind"] == "ServingSLO":
-                    slo_doc = obj
-            elif obj["kind"] == "ModelDeployment" and obj["metadata"]["name"] == MODEL:
-                obj["spec"]["workloadHint"] = {"requestsPerSecond": 5.4 * LOW, "meanInputTokens": 1155,
-                                               "meanOutputTokens": 211}
-                obj["spec"]["engine"].pop("env", None)
-                apply_custom(custom, obj)
-        assert slo_doc is not None
-        yield {"core": core, "custom": custom, "apps": client.AppsV1Api(api), "ns": ns, "work": work,
-               "prom": p, "operator": op, "fleet": fleet, "slo": slo_doc["spec"], "kubeconfig": cluster.kubeconfig}
-    finally:
-        op.stop()
-        if fleet.poll() is None:
-            fleet.send_signal(signal.SIGTERM)
-            try:
-                fleet.wait(20)
-            except subprocess.TimeoutExpired:
-                fleet.kill()
-        fleet_log.close()
-        prom.stop_prometheus(work)
-        with contextlib.suppress(ApiException):
-            core.delete_namespace(ns)
+    with loop_environment(cluster, api, name="loop", op_args=OP_ARGS, op_env=OP_ENV, hint_rps=TRACE_RPS * LOW) as env:
+        yield env
 
 
 def _deployments(env) -> dict[str, int]:
@@ -205,7 +79,7 @@ def test_load_driven_replanning(loop_env):
     custom, ns = env["custom"], env["ns"]
     slo = env["slo"]
     endpoints = env["work"] / "emulator" / "endpoints.json"
-    wait_for(lambda: _plan_id(get_md(custom, ns, MODEL)), 120, "a first plan from the workload hint")
+    wait_for(lambda: plan_id(get_md(custom, ns, MODEL)), 120, "a first plan from the workload hint")
     wait_for(lambda: endpoints.is_file() and any(json.loads(endpoints.read_text())["services"].values()), 120,
              "the fleet emulator serving the first pods")
 
@@ -218,7 +92,7 @@ def test_load_driven_replanning(loop_env):
         def sample():
             md = get_md(custom, ns, MODEL)
             obs = (md.get("status") or {}).get("observed") or {}
-            history.append((load.elapsed(), _cost(md), _gpus(md), _shape(md), obs.get("source", "")))
+            history.append((load.elapsed(), plan_cost(md), plan_gpus(md), plan_shape(md), obs.get("source", "")))
             return md
 
         def sample_until(t: float) -> None:
@@ -233,7 +107,7 @@ def test_load_driven_replanning(loop_env):
         assert low_cost > 0
 
         # high load: scale out (or move to larger islands) within 2 minutes, attainment recovers
-        wait_for(lambda: (lambda m: _cost(m) > low_cost * 1.05 and m)(sample()), up + 120 - load.elapsed(),
+        wait_for(lambda: (lambda m: plan_cost(m) > low_cost * 1.05 and m)(sample()), up + 120 - load.elapsed(),
                  f"scale-out above ${low_cost:.2f}/h within 2 minutes of the load increase")
         t_out = load.elapsed() - up
         assert t_out <= 120, f"scaled out {t_out:.0f}s after the load increase"
@@ -244,7 +118,7 @@ def test_load_driven_replanning(loop_env):
 
         # load dropped: scale in once the peak leaves the stabilization window (+ cooldown), attainment stays
         # up, and the islands do not flap under the steady low load
-        wait_for(lambda: _cost(sample()) < high_cost * 0.95, SCALE_DOWN_WINDOW_S + COOLDOWN_S + 90,
+        wait_for(lambda: plan_cost(sample()) < high_cost * 0.95, SCALE_DOWN_WINDOW_S + COOLDOWN_S + 90,
                  "scale-in after the load drop")
         t_in = load.elapsed() - down
         # the operator's inputs settle once the drop has passed through the rate window, the stabilization
@@ -259,10 +133,7 @@ def test_load_driven_replanning(loop_env):
         assert att_low is not None and att_low >= 0.9, f"scale-in went below SLO need: attainment {att_low}"
     finally:
         load.stop()
-        (env["work"] / "loop-history.json").write_text(json.dumps(
-            {"history": history, "t_out": t_out, "t_in": t_in,
-             "windows": [w.summary | {"end_s": w.end_s, "sent": w.sent} for w in load.windows]},
-            indent=1, default=str))
+        load.save(env["work"] / "loop-history.json", history=history, t_out=t_out, t_in=t_in)
     assert load.error is None, load.error
     print(f"\nscale-out {t_out:.0f}s after the load increase, scale-in {t_in:.0f}s after the drop; $/h low "
           f"{low_cost:.2f} -> high {high_cost:.2f} -> {history[-1][1]:.2f}; attainment end of high phase "
@@ -272,14 +143,14 @@ def test_load_driven_replanning(loop_env):
 def test_prometheus_outage_keeps_the_last_plan(loop_env):
     env = loop_env
     custom, core, ns = env["custom"], env["core"], env["ns"]
-    wait_for(lambda: _plan_id(get_md(custom, ns, MODEL)), 60, "a plan")
+    wait_for(lambda: plan_id(get_md(custom, ns, MODEL)), 60, "a plan")
     # a rollout in flight (e.g. a re-plan at the end of the load test) finishes during an outage, as it should:
     # compare Deployments once it is complete
     wait_for(lambda: (c := condition(get_md(custom, ns, MODEL), "Available")) and c["status"] == "True", 120,
              "the rollout in force to complete (Available=True)")
     before = _deployments(env)
     assert before and all(v > 0 for v in before.values())
-    plan_before = _plan_id(get_md(custom, ns, MODEL))
+    plan_before = plan_id(get_md(custom, ns, MODEL))
     prom.stop_prometheus(env["work"])
     try:
         md = wait_for(lambda: (lambda m: (c := condition(m, "Degraded")) and c["status"] == "True"
@@ -289,7 +160,7 @@ def test_prometheus_outage_keeps_the_last_plan(loop_env):
         assert any(e.type == "Warning" and "Prometheus" in (e.reason + (e.message or "")) for e in evs), \
             [(e.type, e.reason, e.message) for e in evs]
         time.sleep(15)
-        assert _plan_id(get_md(custom, ns, MODEL)) == plan_before == _plan_id(md)
+        assert plan_id(get_md(custom, ns, MODEL)) == plan_before == plan_id(md)
         assert _deployments(env) == before
     finally:
         p = prom.start_prometheus(env["work"], scrape_interval="2s", port=env["prom"].port)
