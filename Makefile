@@ -40,7 +40,7 @@ e2e: setup
 	$(PY) scripts/pytest_strict.py e2e -m "not loop"
 
 test: setup lint
-	$(PY) scripts/pytest_strict.py tests e2e
+	$(PY) scripts/pytest_strict.py tests e2e -m "not loop"
 
 e2e-loop: setup
 	$(PY) scripts/pytest_strict.py e2e -m loop

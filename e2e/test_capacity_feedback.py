@@ -33,8 +33,7 @@ OP_ENV = {"ARCHIPELAGO_METRICS_WINDOW_S": "30", "ARCHIPELAGO_METRICS_INTERVAL_S"
           "ARCHIPELAGO_SCALE_DOWN_WINDOW_S": "60", "ARCHIPELAGO_DRAIN_S": "20",
           "ARCHIPELAGO_METRICS_SHAPE_WINDOW_S": "120"}
 
-pytestmark = [pytest.mark.loop,
-              pytest.mark.skipif(not TRACE.is_file(), reason=f"needs the Azure trace at {TRACE}")]
+pytestmark = [pytest.mark.skipif(not TRACE.is_file(), reason=f"needs the Azure trace at {TRACE}")]
 
 
 def _h100_only(md: dict) -> None:
