@@ -161,7 +161,7 @@ def test_load_up_grows_the_plan_in_force_then_consolidates_after_the_cooldown() 
     def planner(fleet, models, current, config, previous):
         seen.append(dict(config.island_floor))
         rate = models[0].workload.rate_rps
-        isl = SimpleNamespace(id=f"llm/chat/h100/tp{1 if rate < 20 else 2}", replicas=int(rate // 5) + 1)
+        isl = _island(f"llm/chat/h100/tp{1 if rate < 20 else 2}", int(rate // 5) + 1, rate, 0.9)
         p = _StepPlan(rate)
         p.plan_id = f"{isl.id}x{isl.replicas}"
         p.models = (SimpleNamespace(islands=(isl,)),)

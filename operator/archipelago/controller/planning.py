@@ -71,6 +71,7 @@ from archipelago.decide.planner.types import (
     PodAssignment,
     RangeShare,
     SolveStats,
+    Workload,
 )
 from archipelago.observe.metrics import IslandObservation
 
@@ -314,25 +315,22 @@ def plan_from_slices(slices: Sequence[dict[str, Any]]) -> Plan:
                 stats=SolveStats(method="restored"))
 
 
-def workload_summary(w: Any) -> dict[str, Any]:
+def workload_summary(w: Workload) -> dict[str, Any]:
     """The planned workload in one log-friendly dict (rate req/s, prompt histogram, output means)."""
     def r(x: Any) -> Any:
         return round(x, 1) if isinstance(x, int | float) else x
 
-    by_in = getattr(w, "output_mean_by_input", None)
-    return {"rate_rps": round(w.rate_rps, 3), "input_hist": [(e, r(c)) for e, c in getattr(w, "input_hist", ())],
-            "input_mean": r(getattr(w, "input_mean", None)), "output_mean": r(getattr(w, "output_mean", None)),
+    by_in = w.output_mean_by_input
+    return {"rate_rps": round(w.rate_rps, 3), "input_hist": [(e, r(c)) for e, c in w.input_hist],
+            "input_mean": r(w.input_mean), "output_mean": r(w.output_mean),
             "output_mean_by_input": [r(x) for x in by_in] if by_in else None}
 
 
 def island_summary(i: IslandPlan) -> str:
-    """``<pool>/tpN x<replicas> share=<traffic share> util=<utilisation> ranges=<lo-hi:share,...>``
-    (fields a test double lacks are left out)."""
-    rs = getattr(i, "ranges", ())
-    ranges = ",".join(f"{r.lo:g}-{r.hi:g}:{r.share:.2f}" for r in rs)
-    return (f"{getattr(i, 'pool', '?')}/tp{getattr(i, 'tp', '?')} x{i.replicas} "
-            f"share={getattr(i, 'traffic_share', 0.0):.2f} util={getattr(i, 'utilization', 0.0):.2f} "
-            f"rate={sum(r.rate_rps for r in rs):.2f} ranges={ranges}")
+    """``<pool>/tpN x<replicas> share=<traffic share> util=<utilisation> rate=<req/s> ranges=<lo-hi:share,...>``."""
+    ranges = ",".join(f"{r.lo:g}-{r.hi:g}:{r.share:.2f}" for r in i.ranges)
+    return (f"{i.pool}/tp{i.tp} x{i.replicas} share={i.traffic_share:.2f} util={i.utilization:.2f} "
+            f"rate={sum(r.rate_rps for r in i.ranges):.2f} ranges={ranges}")
 
 
 def spec_fingerprint(models: Sequence[ModelRequest]) -> tuple:
@@ -504,7 +502,7 @@ class PlanningService:
         now = self._clock()
         if slo_breach and now - s.changed_mono >= settle and now - s.slo_mono >= settle:
             return "slo"
-        if self._clock() - s.changed_mono >= self.cfg.cooldown_s:
+        if now - s.changed_mono >= self.cfg.cooldown_s:
             for key, rate in loads.items():
                 old = s.loads.get(key)
                 if old is None or abs(rate - old) / max(abs(old), 1e-6) > h:

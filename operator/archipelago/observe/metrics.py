@@ -436,23 +436,17 @@ def _islands(q: QueryFn, names: EngineMetricNames, sel: str, w: str, group: str,
 
 def _output_by_bucket(q: QueryFn, names: EngineMetricNames, sel: str, w: str, group: str,
                       prompt_buckets: tuple[HistogramBucket, ...], overall: float) -> tuple[float, ...] | None:
-    hist_rows = q(f"sum by ({group}, le) (increase({names.prompt_len_hist[0]}_bucket{sel}[{w}]))")
-    gen_rows = q(f"sum by ({group}) (increase({names.generation_tokens_total[0]}{sel}[{w}]))")
-    req_rows = q(f"sum by ({group}) (increase({names.requests_total[0]}{sel}[{w}]))")
-
-    def by_group(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-        out: dict[str, list[dict[str, Any]]] = {}
-        for r in rows:
-            g = (r.get("metric") or {}).get(group)
-            if g is not None:
-                out.setdefault(str(g), []).append(r)
-        return out
-
-    hists, gens, reqs = by_group(hist_rows), by_group(gen_rows), by_group(req_rows)
+    hists: dict[str, list[dict[str, Any]]] = {}
+    for r in q(f"sum by ({group}, le) (increase({names.prompt_len_hist[0]}_bucket{sel}[{w}]))"):
+        g = (r.get("metric") or {}).get(group)
+        if g is not None:
+            hists.setdefault(str(g), []).append(r)
+    gens = _per_group(q, names.generation_tokens_total[:1], f"sum by ({group}) (increase({_M}{sel}[{w}]))", group)
+    reqs = _per_group(q, names.requests_total[:1], f"sum by ({group}) (increase({_M}{sel}[{w}]))", group)
     per: dict[str, tuple[tuple[HistogramBucket, ...], float]] = {}
     for g, rows in hists.items():
         b = _buckets(rows)
-        n, tok = _scalar(reqs.get(g, [])), _scalar(gens.get(g, []))
+        n, tok = reqs.get(g), gens.get(g)
         if b is not None and n and tok is not None and n > 0:
             per[g] = (b, tok / n)
     return output_means_by_prompt_bucket(prompt_buckets, per, overall)
