@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 import prometheus as prom
-from operator_fixtures import OperatorProcess, apply_custom, load_samples
+from operator_fixtures import OperatorProcess, apply_custom, load_samples, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 TRACE = REPO.parent / "shared" / "data" / "traces" / "AzureLLMInferenceTrace_conv.csv"
@@ -165,12 +164,7 @@ def loop_environment(cluster: Any, api: Any, *, name: str, op_args: Sequence[str
                "prom": p, "operator": op, "fleet": fleet, "slo": slo_doc["spec"], "kubeconfig": cluster.kubeconfig}
     finally:
         op.stop()
-        if fleet.poll() is None:
-            fleet.send_signal(signal.SIGTERM)
-            try:
-                fleet.wait(20)
-            except subprocess.TimeoutExpired:
-                fleet.kill()
+        stop_process(fleet)
         fleet_log.close()
         prom.stop_prometheus(work)
         with contextlib.suppress(ApiException):

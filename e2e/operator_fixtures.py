@@ -36,6 +36,20 @@ def free_port() -> int:
     return port
 
 
+def stop_process(proc: subprocess.Popen | None, timeout: float = 20.0, kill: bool = False) -> None:
+    """Stop ``proc`` by its PID: SIGTERM (SIGKILL when ``kill``), wait up to ``timeout`` seconds, then SIGKILL.
+
+    No-op when ``proc`` is None or has exited."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 def _operator_argv() -> list[str]:
     exe = Path(sys.executable).parent / "archipelago"
     if exe.exists():
@@ -110,15 +124,8 @@ class OperatorProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout: float = 20.0, kill: bool = False) -> None:
-        """Stop by PID: SIGTERM (or SIGKILL when ``kill``), wait, then SIGKILL."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        """Stop by PID: SIGTERM (or SIGKILL when ``kill``), wait, then SIGKILL (:func:`stop_process`)."""
+        stop_process(self.proc, timeout, kill)
 
     def tail(self, lines: int = 60) -> str:
         if not self.log_path or not self.log_path.exists():

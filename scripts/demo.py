@@ -42,7 +42,7 @@ from rich.console import Console  # noqa: E402
 
 import localcluster  # noqa: E402  (e2e/ is not a package)
 import prometheus as prom  # noqa: E402
-from operator_fixtures import OperatorProcess  # noqa: E402
+from operator_fixtures import OperatorProcess, stop_process  # noqa: E402
 
 console = Console(width=max(140, Console().width))
 TRACE = ROOT.parent / "shared" / "data" / "traces" / "AzureLLMInferenceTrace_conv.csv"
@@ -190,7 +190,7 @@ def main() -> int:
             [sys.executable, "-m", "archipelago.cli_emulate", "emulate-fleet", "--run-dir", str(work),
              "--kubeconfig", str(cluster.kubeconfig), "--poll", "1"],
             stdout=fleet_log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-        stack.append(("fleet emulator", lambda: _stop_pid(fleet)))
+        stack.append(("fleet emulator", lambda: stop_process(fleet)))
         console.print(f"fleet emulator pid {fleet.pid} (log {work / 'fleet-emulator.log'})")
 
         op = OperatorProcess(cluster.kubeconfig, work, ["--timer-interval", "2", "--cooldown", "30",
@@ -258,17 +258,6 @@ def main() -> int:
         if args.keep_cluster:
             console.print(f"The cluster keeps running: export KUBECONFIG={cluster.kubeconfig}; make demo-down stops it.")
     return 130 if interrupted else 0
-
-
-def _stop_pid(proc: subprocess.Popen) -> None:
-    """SIGTERM the process by its PID, wait, then SIGKILL."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 if __name__ == "__main__":

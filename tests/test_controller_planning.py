@@ -3,6 +3,7 @@ cooldown, planner failures keep the last good plan, BO results adopted only when
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import pytest
@@ -444,6 +445,10 @@ def test_slo_breaches_judge_measured_latency_against_the_slo_and_size_the_correc
     assert slo_breaches(plan, reqs, {h100.id: Obs("h100-tp1", 7.2, 4.0, 0.15, 30, 5)}) == []
     (b,) = slo_breaches(plan, reqs, {h100.id: Obs("h100-tp1", 0.5, 4.0, 0.05, 30, 5)})
     assert b.step == 0.5  # one step never cuts more than half
+    # a plan made with headroom: utilization is of the reduced capacity, the modelled capacity is the full one
+    roomy = dataclasses.replace(plan, params={"headroom": 0.1})
+    (b,) = slo_breaches(roomy, reqs, {h100.id: Obs("h100-tp1", 7.2, 4.0, 0.05, 30, 5)})
+    assert "7.41 req/s modelled" in b.message and b.step == pytest.approx(0.9 * 7.2 / (6.0 / 0.9 / 0.9))
 
 
 def test_slo_breach_lowers_the_islands_capacity_and_replans_once_per_settle_period() -> None:
@@ -529,3 +534,15 @@ def test_load_up_needs_a_rise_beyond_the_windows_counting_noise() -> None:
     assert s.ensure_plan(fleet(), fp(fleet()), [req(2.3)], CurrentPlacement()).trigger == "none"
     assert s.ensure_plan(fleet(), fp(fleet()), [req(3.4)], CurrentPlacement()).trigger == "load-up"
     assert s.rise_is_significant(3.4, 4.5) and not s.rise_is_significant(1.0, 1.5)
+
+
+def test_capacity_headroom_is_an_operator_knob_the_planner_receives() -> None:
+    assert PlanningService(OperatorConfig()).planner_config().headroom == pytest.approx(0.1)
+    cfg = OperatorConfig.from_env({"ARCHIPELAGO_CAPACITY_HEADROOM": "0.25"})
+    assert PlanningService(cfg).planner_config().headroom == pytest.approx(0.25)
+    assert PlanningService(OperatorConfig(capacity_headroom=0)).planner_config().headroom == 0
+    for bad in ("0.95", "-0.1"):
+        with pytest.raises(ValueError, match="capacity_headroom"):
+            OperatorConfig.from_env({"ARCHIPELAGO_CAPACITY_HEADROOM": bad})
+    with pytest.raises(ValueError, match="ARCHIPELAGO_CAPACITY_HEADROOM"):
+        OperatorConfig.from_env({"ARCHIPELAGO_CAPACITY_HEADROOM": "ten percent"})

@@ -27,6 +27,8 @@ def run_command(
     timer_interval: float = typer.Option(None, "--timer-interval", help="Reconcile timer period, seconds."),
     cooldown: float = typer.Option(None, "--cooldown", help="Minimum seconds between load-triggered re-plans."),
     plan_time_limit: float = typer.Option(None, "--plan-time-limit", help="CP-SAT time limit per solve, seconds."),
+    headroom: float = typer.Option(None, "--capacity-headroom", help="Fraction of each island's modelled SLO "
+                                   "capacity kept free (env ARCHIPELAGO_CAPACITY_HEADROOM; default 0.1)."),
     bo: bool = typer.Option(None, "--bo/--no-bo", help="Run the BO outer loop in the background."),
     node_pinning: str = typer.Option(None, "--node-pinning", help="preferred | required | none."),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
@@ -44,7 +46,7 @@ def run_command(
     try:
         cfg = OperatorConfig.from_env(
             prometheus_url=prometheus_url, timer_interval_s=timer_interval, cooldown_s=cooldown,
-            plan_time_limit_s=plan_time_limit, bo_enabled=bo, node_pinning=node_pinning,
+            plan_time_limit_s=plan_time_limit, capacity_headroom=headroom, bo_enabled=bo, node_pinning=node_pinning,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None

@@ -159,8 +159,9 @@ def slo_breaches(plan: Plan | None, models: Sequence[ModelRequest], measured: Ma
     """Islands of ``plan`` whose measured latency misses their model's SLO, with a capacity correction each.
 
     An island breaches when it served requests in the window at no more than its modelled capacity
-    (``0 < completion_rate <= modelled * (1 + tolerance)``, ``modelled = planned / utilization``
-    req/s over its replicas, from ``IslandPlan.ranges`` and ``IslandPlan.utilization``: an island
+    (``0 < completion_rate <= modelled * (1 + tolerance)``, ``modelled = planned / (utilization *
+    (1 - headroom))`` req/s over its replicas, from ``IslandPlan.ranges``, ``IslandPlan.utilization``
+    (of the capacity less the plan's headroom) and ``plan.params["headroom"]``: an island
     sent more than that -- routes not switched yet, a rise below the load hysteresis -- says nothing
     against the capacity model) and its TTFT at the SLO's TTFT percentile exceeds ``slo.ttft_s * (1 +
     tolerance)`` while its queue did not shrink over the window (``waiting_delta >= 0`` or unknown: a
@@ -190,6 +191,7 @@ def slo_breaches(plan: Plan | None, models: Sequence[ModelRequest], measured: Ma
     if plan is None:
         return []
     slos = {m.key: m.slo for m in models}
+    h = float(plan.params.get("headroom", 0.0))  # utilization is of the headroom-reduced capacity
     out = []
     for mp in plan.models:
         slo = slos.get(mp.model)
@@ -212,7 +214,7 @@ def slo_breaches(plan: Plan | None, models: Sequence[ModelRequest], measured: Ma
             if not over:
                 continue
             planned = sum(r.rate_rps for r in ip.ranges)
-            modelled = planned / ip.utilization if ip.utilization > 0 and planned > 0 else 0.0
+            modelled = planned / (ip.utilization * (1 - h)) if ip.utilization > 0 and planned > 0 else 0.0
             if modelled <= 0 or o.completion_rate > modelled * (1 + tolerance):
                 # sent more than the model said it carries (routes not yet switched, or a rise below the
                 # load hysteresis): no evidence against the capacity model
@@ -459,7 +461,7 @@ class PlanningService:
         capacity corrections in force as ``island_capacity_scale``)."""
         t = self.cfg.plan_time_limit_s
         return PlannerConfig(inner_time_limit_s=t, packing_time_limit_s=max(1.0, t / 2),
-                             capacity_model=self.cfg.capacity_model,
+                             capacity_model=self.cfg.capacity_model, headroom=self.cfg.capacity_headroom,
                              island_capacity_scale={i: c[0] for i, c in self._s.corrections.items()})
 
     @property
