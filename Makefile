@@ -37,10 +37,10 @@ unit: setup-python
 	$(PY) scripts/pytest_strict.py tests
 
 e2e: setup
-	$(PY) scripts/pytest_strict.py e2e -m "not loop"
+	$(PY) scripts/pytest_strict.py e2e
 
 test: setup lint
-	$(PY) scripts/pytest_strict.py tests e2e -m "not loop"
+	$(PY) scripts/pytest_strict.py tests e2e
 
 e2e-loop: setup
 	$(PY) scripts/pytest_strict.py e2e -m loop
