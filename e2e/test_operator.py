@@ -233,8 +233,16 @@ def test_spec_change_replans(k8s, ns, operator):
                    for d in our_deployments(k8s["apps"], ns, m))
 
 
+#: Infeasible=True reasons of a model the rest of the fleet cannot carry (higher-priority models took the GPUs)
+SHORTAGE_REASONS = ("InsufficientGPUs", "NoCapacity")
+
+
 def test_node_loss_replans_within_30s(k8s, ns, operator, cluster, api):
-    custom, core = k8s["custom"], k8s["core"]
+    """The pool with the most of our GPUs loses all its nodes: within 30 s every affected model is re-planned
+    onto the remaining pools or, when what remains cannot carry it (the small fleet after losing a whole
+    type: higher-priority models take the GPUs), reported Planned=False, Infeasible=True/InsufficientGPUs, with its Deployments
+    kept; at least one model moves, and the moved ones roll out again."""
+    custom, core, apps = k8s["custom"], k8s["core"], k8s["apps"]
     # the pool with the most of our GPUs loses all its nodes
     plans = {m: get_md(custom, ns, m)["status"]["plan"] for m in MODELS}
     per_pool: dict[str, int] = {}
@@ -247,31 +255,50 @@ def test_node_loss_replans_within_30s(k8s, ns, operator, cluster, api):
     nodes = [n.metadata.name for n in core.list_node(label_selector=sel).items]
     affected = [m for m, p in plans.items() if any(i["pool"] == victim for i in p["islands"])]
     before = {m: plans[m]["planId"] for m in affected}
+    deps_before = {m: sorted(d.metadata.name for d in our_deployments(apps, ns, m)) for m in affected}
+    states: dict[str, str] = {}
     t0 = time.monotonic()
     for n in nodes:
         core.delete_node(n)
     try:
+        def reaction(m: str) -> str | None:
+            d = get_md(custom, ns, m)
+            pl, planned, infeasible = d["status"]["plan"], condition(d, "Planned") or {}, condition(d, "Infeasible") or {}
+            states[m] = f"planId {pl['planId']}, pools {sorted({i['pool'] for i in pl['islands']})}, " \
+                        f"Planned={planned.get('status')}/{planned.get('reason')}, " \
+                        f"Infeasible={infeasible.get('status')}/{infeasible.get('reason')}"
+            if pl["planId"] != before[m] and not any(i["pool"] == victim for i in pl["islands"]):
+                return "moved"
+            if (planned.get("status") == "False" and infeasible.get("status") == "True"
+                    and infeasible.get("reason") in SHORTAGE_REASONS):
+                return "short"
+            return None
+
         def replanned():
-            out = {}
-            for m in affected:
-                d = get_md(custom, ns, m)
-                pl = d["status"]["plan"]
-                if pl["planId"] == before[m] or any(i["pool"] == victim for i in pl["islands"]):
-                    return None
-                out[m] = d
-            return out
-        wait_for(replanned, 30, f"re-plan of {affected} away from pool {victim} after deleting {nodes}")
+            out = {m: reaction(m) for m in affected}
+            return out if all(out.values()) and "moved" in out.values() else None
+        try:
+            outcome = wait_for(replanned, 30, f"re-plan of {affected} away from pool {victim} after deleting {nodes}")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; states: {states}") from None
         dt = time.monotonic() - t0
-        print(f"node loss ({victim}: {nodes}) -> re-planned in {dt:.1f}s")
+        print(f"node loss ({victim}: {nodes}) -> re-planned in {dt:.1f}s: {outcome}")
+        moved = [m for m, r in outcome.items() if r == "moved"]
+        for m in (m for m, r in outcome.items() if r == "short"):
+            # what the fleet cannot carry is reported, and nothing of it is deleted because of it
+            msg = condition(get_md(custom, ns, m), "Infeasible")["message"]
+            assert "serves 0.00% of the load" in msg and "pool-capacity" in msg, msg
+            assert sorted(d.metadata.name for d in our_deployments(apps, ns, m)) == deps_before[m]
 
         def settled():
             pending = [p.metadata.name for p in our_pods(core, ns) if p.status.phase == "Pending"
-                       and p.metadata.deletion_timestamp is None]
+                       and p.metadata.deletion_timestamp is None and p.metadata.labels.get("archipelago.dev/model")
+                       in moved]
             if pending:
                 return None
-            return all(_ready(custom, ns, m) for m in affected)
-        wait_for(settled, 90, "no Pending pods of ours and affected models Available again")
-        for m in affected:
+            return all(_ready(custom, ns, m) for m in moved)
+        wait_for(settled, 90, f"no Pending pods of {moved} and they are Available again")
+        for m in moved:
             _check_deployments_match_plan(k8s, ns, m, get_md(custom, ns, m))
     finally:
         fleet = lc.load_fleet(os.environ.get("ARCHIPELAGO_E2E_FLEET", str(lc.E2E_DIR / "fleets" / "small.yaml")))

@@ -126,7 +126,7 @@ class _StepPlan:
     def __init__(self, rate: float) -> None:
         self.plan_id = f"step-{int(rate // 10)}"
         self.cost_per_hour, self.gpus, self.feasible, self.infeasibilities = rate, 1, True, ()
-        self.models, self.assignments = (), ()
+        self.models, self.assignments, self.unplaced_pods = (), (), 0
 
     def model(self, key):
         return None
@@ -546,3 +546,51 @@ def test_capacity_headroom_is_an_operator_knob_the_planner_receives() -> None:
             OperatorConfig.from_env({"ARCHIPELAGO_CAPACITY_HEADROOM": bad})
     with pytest.raises(ValueError, match="ARCHIPELAGO_CAPACITY_HEADROOM"):
         OperatorConfig.from_env({"ARCHIPELAGO_CAPACITY_HEADROOM": "ten percent"})
+
+
+def test_headroom_is_dropped_only_when_the_fleet_cannot_serve_the_load_with_it() -> None:
+    """Real planner (fake catalogue): one replica at most; at 95 % of its capacity the 10 % headroom would
+    drop load, so the operator plans at capacity and says so; at 50 % it keeps the headroom, one solve."""
+    from functools import partial
+
+    from archipelago.controller.planning import plan_with_headroom, served_rate
+    from archipelago.decide.planner.planner import plan as real_plan
+    from archipelago.decide.planner.types import PlannerConfig
+    from archipelago.decide.sim import SLOTarget
+    from test_planner_fakes import GPUS, FakeCatalog, FModel, fake_perf_factory
+    from test_planner_fakes import fleet as fake_fleet
+    from test_planner_fakes import pool as fake_pool
+
+    calls: list[float] = []
+
+    def planner(fleet, models, current, config, previous):
+        calls.append(config.headroom)
+        return real_plan(fleet, models, config=config, gpu_catalog=FakeCatalog(GPUS), perf_factory=fake_perf_factory,
+                         current=current, previous=previous)
+
+    fl = fake_fleet(fake_pool("ps", "small", 4))
+    slo = SLOTarget(ttft_s=2.0, tpot_s=0.05)
+
+    def request(rate):
+        return ModelRequest("ns/a", FModel("a", 14), slo, Workload(rate_rps=rate, input_mean=1000, output_mean=200),
+                            max_replicas=1, allowed_tp=(1,))
+
+    cfg = PlannerConfig(inner_time_limit_s=10, packing_time_limit_s=5, headroom=0.1)
+    at_cap = planner(fl, [request(0.5)], None, dataclasses.replace(cfg, headroom=0.0), None)
+    assert at_cap.feasible
+    (isl,) = at_cap.islands
+    capacity = 0.5 / isl.utilization  # req/s one replica carries at the SLO
+    solve = partial(plan_with_headroom, planner, fleet=fl, current=None, config=cfg, previous=None)
+
+    calls.clear()
+    roomy = solve(models=[request(0.5 * capacity)])
+    assert calls == [0.1] and roomy.params["headroom"] == 0.1 and roomy.feasible
+    assert not [i for i in roomy.infeasibilities if i.constraint == "headroom"]
+
+    calls.clear()
+    models = [request(0.95 * capacity)]
+    tight = solve(models=models)
+    assert calls == [0.1, 0.0]
+    assert tight.params["headroom"] == 0.0 and served_rate(tight, models) == pytest.approx(0.95 * capacity)
+    (note,) = [i for i in tight.infeasibilities if i.constraint == "headroom"]
+    assert note.model == "ns/a" and note.served_fraction == 1.0 and "10%" in note.detail and "add GPUs" in note.suggestion
