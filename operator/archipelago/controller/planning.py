@@ -25,7 +25,8 @@ service decides whether the current plan still stands:
   capacity, :func:`slo_breaches`, in every evaluation over a whole ``metrics_window_s``, once the plan
   has been in force for ``max(cooldown_s, metrics_window_s)``) -> the modelled capacity of each
   breaching island is lowered (to 90 % of the throughput it measured while it breached, between 0.5x
-  and 0.9x per step, never below 0.25x in all) and the fleet re-planned like ``load-up`` (only adds).
+  and 0.9x per step, never below 0.25x in all) and the fleet re-planned like ``load-up`` (only adds;
+  unlike ``load-up`` no ``consolidate`` follows, the load has not changed).
   Corrections apply to every later plan for ``capacity_correction_ttl_s`` or until the model's spec
   changes: the performance model and the calibration are approximations, and a serving fleet must
   notice when it misses the SLO at a load the model said it could carry. At most one ``slo``
@@ -687,7 +688,11 @@ class PlanningService:
             if s.plan is None or plan.plan_id != s.plan.plan_id:
                 s.changed_mono = self._clock()
                 s.breach_since = {}
-                s.floored = trigger in ("load-up", "slo")
+                # a load-up plan is consolidated after the cooldown; an slo plan is not: it re-plans at the same
+                # load with a lower capacity, and a consolidation on the next (noisy) workload estimate undid part
+                # of the correction in the capacity-feedback e2e (5 -> 4 replicas after each of two corrections,
+                # attainment ~0 for a minute); the load trigger still scales it in when the rate falls
+                s.floored = trigger == "load-up" or (trigger == "slo" and s.floored)
             elif trigger not in ("load-up", "slo"):
                 s.floored = False  # an unconstrained re-plan kept the fleet: nothing to consolidate
             s.plan, s.spec_fp, s.fleet_fp, s.loads = plan, spec_fp, fleet_fp, loads
